@@ -1,0 +1,10 @@
+"""tinygrad_llm: a GPT built from scratch on NumPy (CuPy on a GPU) with a hand-written autograd."""
+from . import backend, functional, nn, optim
+from .backend import get_rng_state, manual_seed, set_rng_state
+from .gradcheck import gradcheck
+from .tensor import Tensor, concatenate, no_grad, split, tensor, where
+
+__all__ = [
+    "Tensor", "no_grad", "tensor", "concatenate", "split", "where", "manual_seed",
+    "get_rng_state", "set_rng_state", "gradcheck", "backend", "functional", "nn", "optim",
+]

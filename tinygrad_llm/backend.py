@@ -1,0 +1,111 @@
+"""The one place that knows about NumPy and CuPy.
+
+Arrays live on a device: "cpu" means NumPy, "cuda" means CuPy. The default device comes
+from the environment variable TINYGRAD_LLM_DEVICE (default "cpu"); CuPy is imported only
+when a "cuda" array is first asked for, so the library imports cleanly without it.
+This module also holds the default float dtype and the seedable random generator that
+initialisation, dropout and sampling draw from (`manual_seed`).
+"""
+import os
+
+import numpy as np
+
+DEVICES = ("cpu", "cuda")
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+_default_dtype = np.dtype(np.float32)
+_generator = np.random.default_rng()
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as error:
+        raise RuntimeError(
+            "device 'cuda' needs CuPy: pip install 'tinygrad_llm[gpu]' (or a cupy-cudaXXx wheel)"
+        ) from error
+    return cupy
+
+
+def check_device(device):
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}: expected one of {DEVICES}")
+    return device
+
+
+def default_device():
+    return check_device(os.environ.get("TINYGRAD_LLM_DEVICE", "cpu"))
+
+
+def module_for(device):
+    """The array module (numpy or cupy) of a device."""
+    return np if check_device(device) == "cpu" else _cupy()
+
+
+def device_of(array):
+    """"cuda" for a CuPy array, "cpu" for anything else (NumPy arrays, scalars, lists)."""
+    return "cuda" if hasattr(array, "__cuda_array_interface__") else "cpu"
+
+
+def xp_of(array):
+    """The array module an array belongs to, so code runs unchanged on NumPy and CuPy."""
+    return _cupy() if hasattr(array, "__cuda_array_interface__") else np
+
+
+def to_device(array, device):
+    """The array on `device`, without a copy when it is already there."""
+    if device_of(array) == check_device(device):
+        return array
+    if device == "cpu":
+        return array.get()
+    return _cupy().asarray(array)
+
+
+def to_host(array):
+    return to_device(array, "cpu")
+
+
+def as_dtype(dtype):
+    """A float dtype from a string or dtype; only float32 and float64 are supported."""
+    dtype = np.dtype(dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"unsupported float dtype {dtype}: expected float32 or float64")
+    return dtype
+
+
+def get_default_dtype():
+    return _default_dtype
+
+
+def set_default_dtype(dtype):
+    global _default_dtype
+    _default_dtype = as_dtype(dtype)
+
+
+def manual_seed(seed):
+    """Seed the generator behind initialisation, dropout and sampling."""
+    global _generator
+    _generator = np.random.default_rng(seed)
+    return _generator
+
+
+def generator():
+    return _generator
+
+
+def get_rng_state():
+    """The generator's state as a JSON-able dict (stored in checkpoints)."""
+    return _generator.bit_generator.state
+
+
+def set_rng_state(state):
+    _generator.bit_generator.state = state
+
+
+def random_like(rng, shape, dtype, device):
+    """Uniform [0, 1) numbers drawn on the host generator, moved to `device`.
+
+    Drawing on the host keeps one stream of random numbers for both backends, so a seed
+    gives the same dropout masks and samples on NumPy and CuPy.
+    """
+    return to_device(rng.random(shape, dtype=np.dtype(dtype)), device)

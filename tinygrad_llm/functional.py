@@ -1,0 +1,347 @@
+"""The fused ops of a GPT, each a pair of plain array functions in the style of llm.c.
+
+`*_forward(inputs...) -> (out, cache)` computes the result and keeps what the gradient
+needs; `*_backward(dout, cache) -> grads` returns one gradient per input (None for
+inputs such as token ids). `tensor.fused` turns each pair into an autograd op; the
+public names (`linear`, `layer_norm`, ...) take Tensors. The arrays may be NumPy or CuPy:
+`xp_of` picks the module. Shapes in comments: B batch, T time, C channels, H heads,
+D head size, V vocabulary, N = any number of leading positions.
+"""
+import math
+
+import numpy as np
+
+from . import backend
+from .backend import xp_of
+from .tensor import Tensor, fused
+
+# ---- linear -------------------------------------------------------------------------------
+
+
+def linear_forward(x, weight, bias=None):
+    # x: (N..., in)  weight: (out, in)  bias: (out,)  ->  (N..., out)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: input of shape {x.shape} does not fit weight of shape {weight.shape} "
+                         f"(expected last dimension {weight.shape[1]})")
+    x2 = x.reshape(-1, x.shape[-1])
+    out = x2 @ weight.T
+    if bias is not None:
+        out += bias
+    return out.reshape(*x.shape[:-1], weight.shape[0]), (x2, x.shape, weight, bias is not None)
+
+
+def linear_backward(dout, cache):
+    # out = x W^T + b  =>  dx = dout W,  dW = dout^T x,  db = sum of dout over positions
+    x2, x_shape, weight, has_bias = cache
+    d2 = dout.reshape(-1, dout.shape[-1])
+    dx = (d2 @ weight).reshape(x_shape)
+    dweight = d2.T @ x2
+    dbias = d2.sum(axis=0) if has_bias else None
+    return dx, dweight, dbias
+
+
+# ---- embedding ----------------------------------------------------------------------------
+
+
+def check_token_ids(ids, vocab_size, what="token id"):
+    """Integer ids, all in [0, vocab_size), or a ValueError naming the first bad one."""
+    ids = ids.data if isinstance(ids, Tensor) else ids
+    xp = xp_of(ids)
+    ids = xp.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"{what}s must be integers, got dtype {ids.dtype}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ValueError(f"{what} {bad} is out of range: the vocabulary has {vocab_size} entries (0..{vocab_size - 1})")
+    return ids
+
+
+def embedding_forward(ids, weight):
+    # ids: (B, T) integers  weight: (V, C)  ->  (B, T, C)
+    ids = check_token_ids(ids, weight.shape[0])
+    return weight[ids], (ids, weight.shape, weight.dtype)
+
+
+def embedding_backward(dout, cache):
+    # out[b, t] = W[ids[b, t]]  =>  dW[v] = sum of dout[b, t] over the positions with ids[b, t] == v.
+    # Repeated ids must add up: sort the ids, then sum each run of equal ids in one pass.
+    ids, shape, dtype = cache
+    xp = xp_of(dout)
+    flat_ids = ids.reshape(-1)
+    d2 = dout.reshape(-1, shape[1])
+    dweight = xp.zeros(shape, dtype=dtype)
+    if flat_ids.size == 0:
+        return None, dweight
+    order = xp.argsort(flat_ids, kind="stable")
+    sorted_ids = flat_ids[order]
+    starts = xp.flatnonzero(xp.concatenate([xp.ones(1, bool), sorted_ids[1:] != sorted_ids[:-1]]))
+    if xp is np:
+        dweight[sorted_ids[starts]] = np.add.reduceat(d2[order], starts, axis=0)
+    else:
+        xp.add.at(dweight, flat_ids, d2)
+    return None, dweight
+
+
+# ---- layer norm ---------------------------------------------------------------------------
+
+
+def layer_norm_forward(x, scale, shift, eps=1e-5):
+    # x: (N..., C)  scale, shift: (C,)  ->  (N..., C); biased variance, as torch and the book
+    xp = xp_of(x)
+    mean = x.mean(axis=-1, keepdims=True)
+    xhat = x - mean
+    var = xp.mean(xhat * xhat, axis=-1, keepdims=True)
+    rstd = 1.0 / xp.sqrt(var + eps)
+    xhat *= rstd
+    out = xhat * scale
+    out += shift
+    return out, (xhat, scale, rstd)
+
+
+def layer_norm_backward(dout, cache):
+    # With xhat = (x - mean) * rstd and out = xhat * scale + shift, the three-term formula:
+    #   dxhat = dout * scale
+    #   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    # (the two means are how each x moves the row's mean and variance).
+    xhat, scale, rstd = cache
+    rows = tuple(range(dout.ndim - 1))
+    dshift = dout.sum(axis=rows)
+    dscale = (dout * xhat).sum(axis=rows)
+    dxhat = dout * scale
+    projection = (dxhat * xhat).mean(axis=-1, keepdims=True)
+    dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
+    dx -= xhat * projection
+    dx *= rstd
+    return dx, dscale, dshift
+
+
+# ---- GELU ---------------------------------------------------------------------------------
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+
+
+def gelu_forward(x):
+    # The tanh approximation GPT-2 uses: 0.5 x (1 + tanh(c (x + a x^3))), c = sqrt(2/pi)
+    xp = xp_of(x)
+    t = x * x
+    t *= _GELU_A
+    t += 1.0
+    t *= x
+    t *= _GELU_C
+    xp.tanh(t, out=t)
+    out = t + 1.0
+    out *= x
+    out *= 0.5
+    return out, (x, t)
+
+
+def gelu_backward(dout, cache):
+    # With u = c (x + a x^3) and t = tanh(u):
+    #   d/dx [0.5 x (1 + t)] = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2)
+    x, t = cache
+    slope = x * x
+    slope *= 3 * _GELU_A
+    slope += 1.0
+    slope *= _GELU_C * 0.5
+    slope *= x
+    slope *= 1.0 - t * t
+    slope += 0.5 * (1.0 + t)
+    slope *= dout
+    return (slope,)
+
+
+# ---- softmax and log-softmax ---------------------------------------------------------------
+
+
+def softmax_forward(x, axis=-1):
+    # Subtracting the row maximum changes nothing mathematically and keeps exp() finite.
+    xp = xp_of(x)
+    out = x - x.max(axis=axis, keepdims=True)
+    xp.exp(out, out=out)
+    out /= out.sum(axis=axis, keepdims=True)
+    return out, (out, axis)
+
+
+def softmax_backward(dout, cache):
+    # y = softmax(x)  =>  dx = y * (dout - sum(dout * y))   (the Jacobian diag(y) - y y^T applied)
+    y, axis = cache
+    dx = dout * y
+    dx -= y * dx.sum(axis=axis, keepdims=True)
+    return (dx,)
+
+
+def log_softmax_forward(x, axis=-1):
+    xp = xp_of(x)
+    out = x - x.max(axis=axis, keepdims=True)
+    out -= xp.log(xp.exp(out).sum(axis=axis, keepdims=True))
+    return out, (out, axis)
+
+
+def log_softmax_backward(dout, cache):
+    # y = x - logsumexp(x)  =>  dx = dout - softmax(x) * sum(dout)
+    y, axis = cache
+    xp = xp_of(y)
+    return (dout - xp.exp(y) * dout.sum(axis=axis, keepdims=True),)
+
+
+# ---- cross-entropy --------------------------------------------------------------------------
+
+
+def cross_entropy_forward(logits, targets, ignore_index=-100):
+    # logits: (N..., V)  targets: (N...) integers  ->  scalar mean over the targets kept
+    xp = xp_of(logits)
+    targets = targets.data if isinstance(targets, Tensor) else xp.asarray(targets)
+    vocab = logits.shape[-1]
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: targets of shape {targets.shape} do not match logits of shape "
+                         f"{logits.shape} (expected {logits.shape[:-1]})")
+    z = logits.reshape(-1, vocab)
+    t = targets.reshape(-1)
+    kept = t != ignore_index
+    safe_t = xp.where(kept, t, 0)
+    check_token_ids(safe_t, vocab, what="target")
+    rows = xp.arange(z.shape[0])
+    # log softmax(z)[t] = z[t] - max - log(sum(exp(z - max)))
+    row_max = z.max(axis=1, keepdims=True)
+    probs = z - row_max
+    xp.exp(probs, out=probs)
+    row_sum = probs.sum(axis=1, keepdims=True)
+    nll = (xp.log(row_sum) + row_max)[:, 0] - z[rows, safe_t]
+    n_kept = int(kept.sum())
+    loss = xp.where(kept, nll, 0).sum() / n_kept if n_kept else xp.asarray(np.nan, logits.dtype)
+    probs /= row_sum
+    cache = {"probs": probs, "logits": logits, "targets": safe_t, "kept": kept, "n_kept": n_kept}
+    return xp.asarray(loss, dtype=logits.dtype), cache
+
+
+def cross_entropy_backward(dout, cache):
+    # loss = mean over kept rows of -log softmax(z)[t]  =>  dz = (softmax(z) - onehot(t)) / n_kept
+    # on kept rows, 0 on ignored ones. The softmax is kept from the forward pass and turned into
+    # the gradient in place (it is the largest array of a training step); a second backward
+    # (retain_graph=True) recomputes it.
+    probs = cache.pop("probs", None)
+    if probs is None:
+        probs = softmax_forward(cache["logits"].reshape(-1, cache["logits"].shape[-1]))[0]
+    xp = xp_of(probs)
+    rows = xp.arange(probs.shape[0])
+    probs[rows, cache["targets"]] -= 1.0
+    weight = cache["kept"] * (dout / max(cache["n_kept"], 1))
+    probs *= weight.astype(probs.dtype)[:, None]
+    return probs.reshape(cache["logits"].shape), None
+
+
+# ---- attention ------------------------------------------------------------------------------
+
+
+def causal_mask(t_query, t_key):
+    """True where a query may not look: key positions after the query's own.
+
+    The queries are the last `t_query` of `t_key` positions (with a KV cache the keys
+    include earlier tokens), so query i sits at position t_key - t_query + i.
+    """
+    return np.triu(np.ones((t_query, t_key), dtype=bool), k=t_key - t_query + 1)
+
+
+def dropout_mask(shape, p, dtype, device):
+    """Keep-mask scaled by 1/(1-p) (inverted dropout), drawn from the seeded generator."""
+    keep = backend.random_like(backend.generator(), shape, dtype, device) >= p
+    return keep.astype(dtype) * (1.0 / (1.0 - p))
+
+
+def scaled_dot_product_attention_forward(q, k, v, causal=True, dropout_p=0.0):
+    # q: (B, H, T, D)  k, v: (B, H, S, D)  ->  (B, H, T, D)
+    xp = xp_of(q)
+    att = q @ k.swapaxes(-1, -2)  # (B, H, T, S)
+    att *= 1.0 / math.sqrt(q.shape[-1])
+    if causal:
+        # -inf scores become exact zeros after exp(); every row keeps its own position.
+        bias = xp.asarray(np.where(causal_mask(q.shape[-2], k.shape[-2]), -np.inf, 0.0).astype(att.dtype))
+        att += bias
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    keep = None
+    if dropout_p > 0.0:
+        keep = dropout_mask(att.shape, dropout_p, att.dtype, backend.device_of(att))
+        out = (att * keep) @ v
+    else:
+        out = att @ v
+    return out, (q, k, v, att, keep)
+
+
+def scaled_dot_product_attention_backward(dout, cache):
+    # out = P' v with P' = dropout(P), P = softmax(s), s = q k^T / sqrt(D):
+    #   dv = P'^T dout,  dP' = dout v^T,  dP = dP' * keep,
+    #   ds = P * (dP - sum(dP * P))  (softmax backward, per row),
+    #   dq = ds k / sqrt(D),  dk = ds^T q / sqrt(D)
+    q, k, v, att, keep = cache
+    dropped = att if keep is None else att * keep
+    dv = dropped.swapaxes(-1, -2) @ dout
+    datt = dout @ v.swapaxes(-1, -2)
+    if keep is not None:
+        datt *= keep
+    row_dot = (datt * att).sum(axis=-1, keepdims=True)
+    datt -= row_dot
+    datt *= att
+    datt *= 1.0 / math.sqrt(q.shape[-1])
+    dq = datt @ k
+    dk = datt.swapaxes(-1, -2) @ q
+    return dq, dk, dv
+
+
+# ---- dropout --------------------------------------------------------------------------------
+
+
+def dropout_forward(x, p):
+    keep = dropout_mask(x.shape, p, x.dtype, backend.device_of(x))
+    return x * keep, keep
+
+
+def dropout_backward(dout, keep):
+    # out = x * keep / (1 - p)  =>  dx = dout * keep / (1 - p)  (the same scaled mask)
+    return (dout * keep,)
+
+
+# ---- the public ops (Tensors in, Tensor out) ------------------------------------------------
+
+linear = fused(linear_forward, linear_backward, "linear")
+embedding = fused(embedding_forward, embedding_backward, "embedding")
+_layer_norm = fused(layer_norm_forward, layer_norm_backward, "layer_norm")
+gelu = fused(gelu_forward, gelu_backward, "gelu")
+_softmax = fused(softmax_forward, softmax_backward, "softmax")
+_log_softmax = fused(log_softmax_forward, log_softmax_backward, "log_softmax")
+_cross_entropy = fused(cross_entropy_forward, cross_entropy_backward, "cross_entropy")
+_attention = fused(scaled_dot_product_attention_forward, scaled_dot_product_attention_backward,
+                   "scaled_dot_product_attention")
+_dropout = fused(dropout_forward, dropout_backward, "dropout")
+
+
+def layer_norm(x, scale, shift, eps=1e-5):
+    return _layer_norm(x, scale, shift, eps=eps)
+
+
+def softmax(x, axis=-1):
+    return _softmax(x, axis=axis)
+
+
+def log_softmax(x, axis=-1):
+    return _log_softmax(x, axis=axis)
+
+
+def cross_entropy(logits, targets, ignore_index=-100):
+    """Mean negative log-likelihood of `targets` under softmax(`logits`), skipping ignore_index."""
+    return _cross_entropy(logits, targets, ignore_index=ignore_index)
+
+
+def scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.0):
+    return _attention(q, k, v, causal=causal, dropout_p=dropout_p)
+
+
+def dropout(x, p, training=True):
+    """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x
+    return _dropout(x, p)
