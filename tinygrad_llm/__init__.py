@@ -2,9 +2,11 @@
 from . import backend, functional, nn, optim
 from .backend import get_rng_state, manual_seed, set_rng_state
 from .gradcheck import gradcheck
+from .model import GPT2_PRESETS, GPT_CONFIG_124M, GPTModel, gpt2_config, parameter_counts
 from .tensor import Tensor, concatenate, no_grad, split, tensor, where
 
 __all__ = [
     "Tensor", "no_grad", "tensor", "concatenate", "split", "where", "manual_seed",
     "get_rng_state", "set_rng_state", "gradcheck", "backend", "functional", "nn", "optim",
+    "GPTModel", "GPT_CONFIG_124M", "GPT2_PRESETS", "gpt2_config", "parameter_counts",
 ]

@@ -290,6 +290,28 @@ def scaled_dot_product_attention_backward(dout, cache):
     return dq, dk, dv
 
 
+def multi_head_attention_forward(qkv, num_heads, causal=True, dropout_p=0.0):
+    # qkv: (B, T, 3C), the packed output of one Q|K|V projection  ->  (B, T, C)
+    # Split into heads as strided views (no copy), attend, and merge the heads back.
+    B, T, C3 = qkv.shape
+    if C3 % (3 * num_heads):
+        raise ValueError(f"multi-head attention: packed width {C3} is not 3 x num_heads ({num_heads}) x head size")
+    heads = qkv.reshape(B, T, 3, num_heads, C3 // (3 * num_heads)).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+    out, cache = scaled_dot_product_attention_forward(heads[0], heads[1], heads[2], causal, dropout_p)
+    return out.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3), (cache, qkv.shape, num_heads)
+
+
+def multi_head_attention_backward(dout, cache):
+    # The split and the merge only move numbers, so their backward moves the gradients back.
+    attention_cache, (B, T, C3), num_heads = cache
+    D = C3 // (3 * num_heads)
+    dheads = dout.reshape(B, T, num_heads, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+    dqkv = xp_of(dout).empty((B, T, 3, num_heads, D), dtype=dout.dtype)
+    for i, grad in enumerate(scaled_dot_product_attention_backward(dheads, attention_cache)):
+        dqkv[:, :, i] = grad.transpose(0, 2, 1, 3)
+    return (dqkv.reshape(B, T, C3),)
+
+
 # ---- dropout --------------------------------------------------------------------------------
 
 
@@ -314,6 +336,7 @@ _log_softmax = fused(log_softmax_forward, log_softmax_backward, "log_softmax")
 _cross_entropy = fused(cross_entropy_forward, cross_entropy_backward, "cross_entropy")
 _attention = fused(scaled_dot_product_attention_forward, scaled_dot_product_attention_backward,
                    "scaled_dot_product_attention")
+_multi_head_attention = fused(multi_head_attention_forward, multi_head_attention_backward, "multi_head_attention")
 _dropout = fused(dropout_forward, dropout_backward, "dropout")
 
 
@@ -336,6 +359,11 @@ def cross_entropy(logits, targets, ignore_index=-100):
 
 def scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.0):
     return _attention(q, k, v, causal=causal, dropout_p=dropout_p)
+
+
+def multi_head_attention(qkv, num_heads, causal=True, dropout_p=0.0):
+    """Attention over a packed (B, T, 3C) Q|K|V projection, heads split and merged inside: (B, T, C)."""
+    return _multi_head_attention(qkv, num_heads, causal=causal, dropout_p=dropout_p)
 
 
 def dropout(x, p, training=True):

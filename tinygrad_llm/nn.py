@@ -37,12 +37,12 @@ class Module:
         for name, child in self.children():
             yield from child.modules(f"{prefix}{name}.")
 
-    def named_parameters(self):
-        """(dotted name, Parameter) pairs; a parameter shared by two modules comes once."""
+    def named_parameters(self, remove_duplicate=True):
+        """(dotted name, Parameter) pairs; a parameter shared by two modules comes once unless asked."""
         seen = set()
         for prefix, module in self.modules():
             for name, value in vars(module).items():
-                if isinstance(value, Parameter) and id(value) not in seen:
+                if isinstance(value, Parameter) and (id(value) not in seen or not remove_duplicate):
                     seen.add(id(value))
                     yield prefix + name, value
 
@@ -50,12 +50,15 @@ class Module:
         return [p for _, p in self.named_parameters()]
 
     def state_dict(self):
-        """Every parameter as a host np.ndarray (on the CPU: the parameter's own array, as torch shares)."""
-        return {name: backend.to_host(p.data) for name, p in self.named_parameters()}
+        """Every parameter name (a shared one under each of its names, as torch) to a host np.ndarray.
+
+        On the CPU the arrays are the parameters' own, as torch's state dict shares storage.
+        """
+        return {name: backend.to_host(p.data) for name, p in self.named_parameters(remove_duplicate=False)}
 
     def load_state_dict(self, state_dict):
         """Copy arrays (NumPy, or anything np.asarray takes) into the parameters, checking every key."""
-        params = dict(self.named_parameters())
+        params = dict(self.named_parameters(remove_duplicate=False))
         ignored = {f"{prefix}{key}" for prefix, module in self.modules() for key in module.ignored_state_keys}
         unknown = [key for key in state_dict if key not in params and key not in ignored]
         if unknown:

@@ -1,0 +1,210 @@
+"""The book's GPT (chapter 4), with its class and attribute names, so state dicts move both ways.
+
+GPTModel(cfg) takes the book's config dict. Speed comes from the fused ops: one matmul
+projects Q, K and V together (the three weights concatenated), attention splits heads as
+strided views, and under `no_grad()` nothing is recorded. For generation, `KVCache` keeps
+each layer's keys and values so a new token costs one position's work.
+"""
+import numpy as np
+
+from . import backend
+from . import functional as F
+from .nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Sequential
+from .tensor import Tensor, concatenate
+
+GPT_CONFIG_124M = {
+    "vocab_size": 50257,     # GPT-2's BPE vocabulary
+    "context_length": 1024,  # positions the model can attend over
+    "emb_dim": 768,
+    "n_heads": 12,
+    "n_layers": 12,
+    "drop_rate": 0.1,
+    "qkv_bias": False,
+}
+
+# The four GPT-2 sizes (OpenAI's 124M/355M/774M/1558M), as the book's `model_configs`.
+GPT2_PRESETS = {
+    "gpt2-small": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},
+    "gpt2-medium": {"emb_dim": 1024, "n_layers": 24, "n_heads": 16},
+    "gpt2-large": {"emb_dim": 1280, "n_layers": 36, "n_heads": 20},
+    "gpt2-xl": {"emb_dim": 1600, "n_layers": 48, "n_heads": 25},
+}
+GPT2_SIZES = {"124M": "gpt2-small", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
+
+REQUIRED_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate")
+
+
+def gpt2_config(name, **overrides):
+    """The full config dict of a GPT-2 size ("gpt2-small" ... "gpt2-xl", or "124M" ...)."""
+    name = GPT2_SIZES.get(name, name)
+    if name not in GPT2_PRESETS:
+        raise ValueError(f"unknown GPT-2 preset {name!r}: expected one of {sorted(GPT2_PRESETS) + sorted(GPT2_SIZES)}")
+    return {**GPT_CONFIG_124M, **GPT2_PRESETS[name], **overrides}
+
+
+def check_config(cfg):
+    missing = [key for key in REQUIRED_KEYS if key not in cfg]
+    if missing:
+        raise ValueError(f"GPT config is missing {missing}; expected the keys of GPT_CONFIG_124M")
+    if cfg["emb_dim"] % cfg["n_heads"]:
+        raise ValueError(f"emb_dim {cfg['emb_dim']} must be divisible by n_heads {cfg['n_heads']}")
+    return cfg
+
+
+def parameter_counts(cfg, dtype="float32"):
+    """Parameters of GPTModel(cfg) without building it: total, with the output head tied, and MB.
+
+    For GPT_CONFIG_124M: 163,009,536 total, 124,412,160 tied, 621.83 MB in float32 (the book's figures).
+    """
+    check_config(cfg)
+    V, T, C, L = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"], cfg["n_layers"]
+    qkv_bias = 3 * C if cfg.get("qkv_bias", False) else 0
+    attention = 3 * C * C + qkv_bias + C * C + C
+    feed_forward = C * 4 * C + 4 * C + 4 * C * C + C
+    block = attention + feed_forward + 2 * 2 * C
+    head = 0 if cfg.get("tie_weights", False) else V * C
+    total = V * C + T * C + L * block + 2 * C + head
+    tied = total - head
+    return {"total": total, "tied": tied,
+            "megabytes": total * np.dtype(backend.as_dtype(dtype)).itemsize / (1024 * 1024)}
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far (inference only).
+
+    Arrays are allocated once for `max_length` positions: (layers, B, H, max_length, D).
+    """
+
+    def __init__(self, cfg, batch_size, max_length, dtype, device="cpu"):
+        xp = backend.module_for(device)
+        head_dim = cfg["emb_dim"] // cfg["n_heads"]
+        shape = (cfg["n_layers"], batch_size, cfg["n_heads"], max_length, head_dim)
+        self.keys, self.values = xp.empty(shape, dtype), xp.empty(shape, dtype)
+        self.length = 0
+
+    @property
+    def max_length(self):
+        return self.keys.shape[3]
+
+    def reset(self):
+        self.length = 0
+
+
+class MultiHeadAttention(Module):
+    # The book registers its causal mask as a buffer; its state dicts carry it, we skip it.
+    ignored_state_keys = ("mask",)
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False, dtype=None, rng=None):
+        if d_out % num_heads:
+            raise ValueError(f"d_out {d_out} must be divisible by num_heads {num_heads}")
+        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
+        self.context_length, self.dropout = context_length, dropout
+        self.W_query = Linear(d_in, d_out, bias=qkv_bias, dtype=dtype, rng=rng)
+        self.W_key = Linear(d_in, d_out, bias=qkv_bias, dtype=dtype, rng=rng)
+        self.W_value = Linear(d_in, d_out, bias=qkv_bias, dtype=dtype, rng=rng)
+        self.out_proj = Linear(d_out, d_out, dtype=dtype, rng=rng)
+
+    def forward(self, x, cache=None, layer=0):
+        # x: (B, T, d_in) -> (B, T, d_out). One matmul projects Q, K and V together.
+        projections = (self.W_query, self.W_key, self.W_value)
+        weight = concatenate([w.weight for w in projections])
+        bias = concatenate([w.bias for w in projections]) if self.W_query.bias is not None else None
+        qkv = F.linear(x, weight, bias)  # (B, T, 3 d_out)
+        if cache is None:
+            dropout_p = self.dropout if self.training else 0.0
+            context = F.multi_head_attention(qkv, self.num_heads, dropout_p=dropout_p)
+        else:
+            context = Tensor(self._attend_with_cache(qkv.data, cache, layer))
+        return self.out_proj(context)
+
+    def _attend_with_cache(self, qkv, cache, layer):
+        # Append this step's keys and values at positions [start, end), attend over [0, end).
+        B, T, _ = qkv.shape
+        start, end = cache.length, cache.length + T
+        heads = qkv.reshape(B, T, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+        cache.keys[layer, :, :, start:end] = heads[1]
+        cache.values[layer, :, :, start:end] = heads[2]
+        keys, values = cache.keys[layer, :, :, :end], cache.values[layer, :, :, :end]
+        out, _ = F.scaled_dot_product_attention_forward(heads[0], keys, values, causal=True)
+        return out.transpose(0, 2, 1, 3).reshape(B, T, self.d_out)
+
+
+class FeedForward(Module):
+    def __init__(self, cfg, dtype=None, rng=None):
+        C = cfg["emb_dim"]
+        self.layers = Sequential(Linear(C, 4 * C, dtype=dtype, rng=rng), GELU(), Linear(4 * C, C, dtype=dtype, rng=rng))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class TransformerBlock(Module):
+    """Pre-LayerNorm block: x + drop(att(norm1(x))), then x + drop(ff(norm2(x)))."""
+
+    def __init__(self, cfg, dtype=None, rng=None):
+        self.att = MultiHeadAttention(cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"], cfg["drop_rate"],
+                                      cfg["n_heads"], cfg.get("qkv_bias", False), dtype=dtype, rng=rng)
+        self.ff = FeedForward(cfg, dtype=dtype, rng=rng)
+        self.norm1 = LayerNorm(cfg["emb_dim"], dtype=dtype)
+        self.norm2 = LayerNorm(cfg["emb_dim"], dtype=dtype)
+        self.drop_shortcut = Dropout(cfg["drop_rate"])
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, layer))
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class GPTModel(Module):
+    def __init__(self, cfg, dtype="float32", seed=None):
+        self.cfg = dict(check_config(cfg))
+        dtype = backend.as_dtype(dtype)
+        # seed=None draws from tl.manual_seed's generator; a seed gives the same weights every time.
+        rng = backend.generator() if seed is None else np.random.default_rng(seed)
+        self.tok_emb = Embedding(cfg["vocab_size"], cfg["emb_dim"], dtype=dtype, rng=rng)
+        self.pos_emb = Embedding(cfg["context_length"], cfg["emb_dim"], dtype=dtype, rng=rng)
+        self.drop_emb = Dropout(cfg["drop_rate"])
+        self.trf_blocks = ModuleList(TransformerBlock(cfg, dtype=dtype, rng=rng) for _ in range(cfg["n_layers"]))
+        self.final_norm = LayerNorm(cfg["emb_dim"], dtype=dtype)
+        self.out_head = Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False, dtype=dtype, rng=rng)
+        if cfg.get("tie_weights", False):
+            # GPT-2's own weight tying: the output head reuses the token embedding matrix.
+            self.out_head.weight = self.tok_emb.weight
+
+    @property
+    def dtype(self):
+        return self.tok_emb.weight.dtype
+
+    @property
+    def device(self):
+        return self.tok_emb.weight.device
+
+    @property
+    def xp(self):
+        return backend.xp_of(self.tok_emb.weight.data)
+
+    def new_cache(self, batch_size, max_length=None):
+        """An empty KV cache for `batch_size` sequences of up to `max_length` (default: the context) tokens."""
+        max_length = self.cfg["context_length"] if max_length is None else max_length
+        return KVCache(self.cfg, batch_size, max_length, self.dtype, self.device)
+
+    def forward(self, in_idx, cache=None):
+        # in_idx: (B, T) token ids  ->  logits (B, T, vocab_size)
+        idx = backend.to_device(in_idx.data if isinstance(in_idx, Tensor) else in_idx, self.device)
+        idx = self.xp.asarray(idx)
+        if idx.ndim != 2:
+            raise ValueError(f"GPTModel expects token ids of shape (batch, sequence), got shape {idx.shape}")
+        start = 0 if cache is None else cache.length
+        seq_len = idx.shape[1]
+        limit = self.cfg["context_length"] if cache is None else min(self.cfg["context_length"], cache.max_length)
+        if start + seq_len > limit:
+            raise ValueError(f"sequence of {start + seq_len} tokens is longer than the context length {limit}")
+        if cache is not None and cache.keys.shape[1] != idx.shape[0]:
+            raise ValueError(f"KV cache holds {cache.keys.shape[1]} sequences, got a batch of {idx.shape[0]}")
+        tok_embeds = self.tok_emb(idx)  # (B, T, C)
+        pos_embeds = self.pos_emb(self.xp.arange(start, start + seq_len))  # (T, C)
+        x = self.drop_emb(tok_embeds + pos_embeds)
+        for layer, block in enumerate(self.trf_blocks):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += seq_len
+        return self.out_head(self.final_norm(x))
