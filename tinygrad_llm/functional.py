@@ -124,7 +124,7 @@ _GELU_A = 0.044715
 def gelu_forward(x):
     # The tanh approximation GPT-2 uses: 0.5 x (1 + tanh(c (x + a x^3))), c = sqrt(2/pi)
     xp = xp_of(x)
-    t = x * x
+    t = xp.multiply(x, x, out=xp.empty_like(x))  # an array even for 0-d x (x * x is a scalar there)
     t *= _GELU_A
     t += 1.0
     t *= x
