@@ -128,7 +128,7 @@ class Tensor:
                 raise ValueError(f"backward() grad has shape {grad.shape}, expected {self.shape}")
 
         grads = {id(self): grad}
-        delivered = set()
+        delivered = {id(grad)}  # the caller's `grad` array stays theirs: a leaf gets a copy
         for node in reversed(_topological_order(self)):
             g = grads.pop(id(node), None)
             if g is None:
