@@ -15,6 +15,13 @@ from . import backend
 from .backend import xp_of
 from .tensor import Tensor, fused
 
+
+def check_float(x, op):
+    # In-place float arithmetic on an integer array fails deep inside NumPy; say what is wrong.
+    if x.dtype.kind != "f":
+        raise TypeError(f"{op} needs a float tensor, got {x.dtype}")
+
+
 # ---- linear -------------------------------------------------------------------------------
 
 
@@ -122,6 +129,7 @@ _GELU_A = 0.044715
 
 
 def gelu_forward(x):
+    check_float(x, "gelu")
     # The tanh approximation GPT-2 uses: 0.5 x (1 + tanh(c (x + a x^3))), c = sqrt(2/pi)
     xp = xp_of(x)
     t = xp.multiply(x, x, out=xp.empty_like(x))  # an array even for 0-d x (x * x is a scalar there)
@@ -155,6 +163,7 @@ def gelu_backward(dout, cache):
 
 
 def softmax_forward(x, axis=-1):
+    check_float(x, "softmax")
     # Subtracting the row maximum changes nothing mathematically and keeps exp() finite.
     xp = xp_of(x)
     out = x - x.max(axis=axis, keepdims=True)
@@ -172,6 +181,7 @@ def softmax_backward(dout, cache):
 
 
 def log_softmax_forward(x, axis=-1):
+    check_float(x, "log_softmax")
     xp = xp_of(x)
     out = x - x.max(axis=axis, keepdims=True)
     out -= xp.log(xp.exp(out).sum(axis=axis, keepdims=True))
@@ -250,6 +260,7 @@ def dropout_mask(shape, p, dtype, device):
 
 
 def scaled_dot_product_attention_forward(q, k, v, causal=True, dropout_p=0.0):
+    check_float(q, "scaled_dot_product_attention")
     # q: (B, H, T, D)  k, v: (B, H, S, D)  ->  (B, H, T, D)
     xp = xp_of(q)
     att = q @ k.swapaxes(-1, -2)  # (B, H, T, S)
