@@ -1,0 +1,225 @@
+"""GPT-2 weights against transformers: import, export, the book's formats and the download.
+
+Every model here is built from a small config with random weights, so nothing needs the
+network; transformers is told to stay offline before it is imported.
+"""
+import json
+import os
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tinygrad_llm as tl
+from tinygrad_llm.model import gpt2_config, parameter_counts
+from tinygrad_llm.weights import (
+    book_config, load_book_state_dict, load_hf_gpt2, load_weights_into_gpt, save_hf_gpt2,
+)
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+# Largest |difference| over the largest |logit|. float32: GPT-2's forward rounds in a
+# different order in the two libraries, ~1e-7 per op over a few layers (measured ~5e-7).
+# float64: the same sums at 1e-16 per op (measured ~1e-15).
+TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def relative_error(ours, reference):
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())
+
+
+def hf_gpt2(config, dtype="float32", seed=0):
+    """A GPT2LMHeadModel with every parameter moved away from its initial value.
+
+    At initialisation biases are 0 and LayerNorm scales 1, so a bias loaded into the wrong
+    place, or a scale swapped with a shift, would go unnoticed; the noise makes each tensor count.
+    """
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(config).to(TORCH_DTYPES[dtype]).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def small_config(**overrides):
+    settings_ = dict(n_layer=2, n_head=2, n_embd=8, vocab_size=50, n_positions=16, bos_token_id=None, eos_token_id=None)
+    return transformers.GPT2Config(**{**settings_, **overrides})
+
+
+def token_ids(config, seed=0):
+    # Full context, so every position embedding takes part.
+    return np.random.default_rng(seed).integers(0, config.vocab_size, (2, config.n_positions))
+
+
+def hf_logits(model, idx):
+    with torch.no_grad():
+        return model(torch.tensor(idx)).logits.numpy()
+
+
+def our_logits(model, idx):
+    with tl.no_grad():
+        return model(idx).numpy()
+
+
+@st.composite
+def gpt2_configs(draw):
+    n_head = draw(st.integers(1, 4))
+    return small_config(
+        n_layer=draw(st.integers(1, 3)),
+        n_head=n_head,
+        n_embd=n_head * draw(st.integers(1, 8)),
+        vocab_size=draw(st.integers(2, 1000)),
+        n_positions=draw(st.integers(4, 64)),
+        layer_norm_epsilon=draw(st.sampled_from([1e-5, 1e-3])),
+        tie_word_embeddings=draw(st.booleans()),
+    )
+
+
+@settings(max_examples=12, deadline=None)
+@given(config=gpt2_configs(), dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 2**16))
+def test_import_and_export_match_transformers(config, dtype, seed):
+    reference = hf_gpt2(config, dtype, seed)
+    idx = token_ids(config, seed)
+    expected = hf_logits(reference, idx)
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save_pretrained(f"{folder}/hf")
+        model = load_hf_gpt2(f"{folder}/hf", dtype=dtype)
+        assert model.dtype == np.dtype(dtype) and not model.training
+        assert relative_error(our_logits(model, idx), expected) < TOLERANCE[dtype]
+
+        save_hf_gpt2(model, f"{folder}/ours")
+        reloaded = transformers.GPT2LMHeadModel.from_pretrained(f"{folder}/ours", dtype=TORCH_DTYPES[dtype]).eval()
+    # Export moves values without arithmetic, so transformers gets its own weights back exactly.
+    for name, value in reference.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], value), name
+    assert reloaded.config.layer_norm_epsilon == config.layer_norm_epsilon
+    # Same weights, yet the reloaded model may pick another attention kernel: last-bit differences.
+    assert relative_error(hf_logits(reloaded, idx), expected) < TOLERANCE[dtype]
+
+
+def test_openai_layout_without_prefix_with_mask_buffers(tmp_path):
+    # OpenAI's files on the hub name tensors without "transformer." and carry the causal masks.
+    config = small_config()
+    reference = hf_gpt2(config)
+    reference.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "np") as f:
+        tensors = {name.removeprefix("transformer."): f.get_tensor(name) for name in f.keys()}
+    for layer in range(config.n_layer):
+        tensors[f"h.{layer}.attn.bias"] = np.tril(np.ones((1, 1, 16, 16), np.float32))
+        tensors[f"h.{layer}.attn.masked_bias"] = np.array(-1e4, np.float32)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    idx = token_ids(config)
+    model = load_hf_gpt2(tmp_path / "model.safetensors")  # a file beside its config.json works too
+    assert relative_error(our_logits(model, idx), hf_logits(reference, idx)) < TOLERANCE["float32"]
+
+
+def test_pytorch_model_bin(tmp_path):
+    config = small_config()
+    reference = hf_gpt2(config)
+    config.save_pretrained(tmp_path)
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    idx = token_ids(config)
+    assert relative_error(our_logits(load_hf_gpt2(tmp_path), idx), hf_logits(reference, idx)) < TOLERANCE["float32"]
+
+
+def save_tensors(folder, change):
+    """A small GPT-2 folder whose tensors went through `change(dict)` before saving."""
+    config = small_config()
+    config.save_pretrained(folder)
+    tensors = {f"transformer.{k}": v.numpy() for k, v in hf_gpt2(config).transformer.state_dict().items()}
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.update({"transformer.h.1.attn.c_attn.weight": np.zeros((8, 16), np.float32)}),
+     r"'transformer.h.1.attn.c_attn.weight' has shape \(8, 16\), expected \(8, 24\)"),
+    (lambda t: t.update({"transformer.wpe.weight": np.zeros((17, 8), np.float32)}),
+     r"'transformer.wpe.weight' has shape \(17, 8\), expected \(16, 8\)"),
+    (lambda t: t.pop("transformer.h.0.mlp.c_proj.bias"), r"no tensor for parameter\(s\) trf_blocks.0.ff.layers.2.bias"),
+    (lambda t: t.update({"transformer.h.2.ln_1.weight": np.ones(8, np.float32)}),
+     r"'transformer.h.2.ln_1.weight' has no place in a model with 2 layers"),
+    (lambda t: t.update({"transformer.h.0.attn.rotary.weight": np.ones(8, np.float32)}),
+     r"unexpected tensor 'transformer.h.0.attn.rotary.weight'"),
+])
+def test_bad_tensors_are_named(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        load_hf_gpt2(save_tensors(tmp_path, change))
+
+
+@pytest.mark.parametrize("key, value", [("activation_function", "relu"), ("n_inner", 48),
+                                        ("scale_attn_by_inverse_layer_idx", True)])
+def test_config_settings_the_model_lacks_are_refused(key, value):
+    # Computing these differently without a word would give wrong logits.
+    with pytest.raises(ValueError, match=f"{key}={value!r} is not supported"):
+        book_config(small_config(**{key: value}).to_dict())
+
+
+PUBLISHED_SIZES = {"124M": 124_439_808, "355M": 354_823_168, "774M": 774_030_080, "1558M": 1_557_611_200}
+
+
+@pytest.mark.parametrize("size", PUBLISHED_SIZES)
+def test_preset_parameter_counts_match_gpt2(size):
+    cfg = gpt2_config(size, qkv_bias=True, tie_weights=True)
+    # transformers on the meta device allocates no memory.
+    hf_config = transformers.GPT2Config(n_embd=cfg["emb_dim"], n_layer=cfg["n_layers"], n_head=cfg["n_heads"])
+    with torch.device("meta"):
+        hf_count = transformers.GPT2LMHeadModel(hf_config).num_parameters()
+    assert hf_count == PUBLISHED_SIZES[size]
+    assert parameter_counts(cfg)["total"] == PUBLISHED_SIZES[size]
+    assert parameter_counts(book_config(hf_config.to_dict()))["total"] == PUBLISHED_SIZES[size]
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_book_state_dict(tmp_path, wrapped):
+    # The book's torch GPTModel saves its causal masks too; section 5.4 also saves an optimizer.
+    from reference.gpt import GPTModel as TorchGPTModel
+
+    cfg = {**tl.GPT_CONFIG_124M, "vocab_size": 40, "context_length": 12, "emb_dim": 16, "n_heads": 4, "n_layers": 2}
+    torch.manual_seed(0)
+    reference = TorchGPTModel(cfg).double().eval()
+    state = reference.state_dict()
+    if wrapped:
+        state = {"model_state_dict": state, "optimizer_state_dict": torch.optim.AdamW(reference.parameters()).state_dict()}
+    torch.save(state, tmp_path / "model.pth")
+    model = load_book_state_dict(cfg, tmp_path / "model.pth", dtype="float64")
+    idx = np.random.default_rng(0).integers(0, 40, (2, 12))
+    with torch.no_grad():
+        expected = reference(torch.tensor(idx)).numpy()
+    assert relative_error(our_logits(model, idx), expected) < TOLERANCE["float64"]
+
+
+def book_params(hf_model):
+    """OpenAI's checkpoint as the book's section 5.5 reads it, from a transformers model."""
+    state = {k: v.numpy() for k, v in hf_model.transformer.state_dict().items()}
+    leaf = {"weight": "w", "bias": "b"}
+    blocks = []
+    for layer in range(hf_model.config.n_layer):
+        block = {"attn": {}, "mlp": {}}
+        for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            group, module = name.split(".")
+            block[group][module] = {leaf[k]: state[f"h.{layer}.{name}.{k}"] for k in leaf}
+        for norm in ("ln_1", "ln_2"):
+            block[norm] = {"g": state[f"h.{layer}.{norm}.weight"], "b": state[f"h.{layer}.{norm}.bias"]}
+        blocks.append(block)
+    return {"wte": state["wte.weight"], "wpe": state["wpe.weight"], "g": state["ln_f.weight"],
+            "b": state["ln_f.bias"], "blocks": blocks}
+
+
+def test_load_weights_into_gpt_as_in_the_book():
+    config = small_config()
+    reference = hf_gpt2(config)
+    cfg = {**tl.GPT_CONFIG_124M, **book_config(config.to_dict()), "tie_weights": False}  # the book's head is its own
+    gpt = load_weights_into_gpt(tl.GPTModel(cfg), book_params(reference)).eval()
+    idx = token_ids(config)
+    assert relative_error(our_logits(gpt, idx), hf_logits(reference, idx)) < TOLERANCE["float32"]

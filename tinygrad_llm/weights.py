@@ -1,0 +1,372 @@
+"""OpenAI's GPT-2 weights: Hugging Face files in and out, the book's state dicts, downloads.
+
+Hugging Face stores GPT-2 the way OpenAI's TensorFlow code laid it out, and the book's
+section 5.5 reads the same layout:
+
+- its `Conv1D` layers keep weights as (in, out), the transpose of `Linear`'s (out, in);
+- one `c_attn` projection packs Q, K and V side by side: (emb_dim, 3 * emb_dim);
+- the output head is tied to the token embedding (`lm_head.weight` is `wte.weight`);
+- every attention layer carries a causal-mask buffer (`attn.bias`, `attn.masked_bias`).
+
+`_book_names` is the one table that relates a Hugging Face tensor to the book's parameter
+names; import, export and the book's nested `params` all go through it.
+"""
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import backend
+from .model import GPTModel
+from .nn import LayerNorm
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+TORCH_FILE = "pytorch_model.bin"
+ENDOFTEXT_ID = 50256
+
+# Hugging Face module (inside block h.{i}) -> the book's module (inside trf_blocks.{i}).
+_BLOCK_MODULES = {
+    "ln_1": "norm1",
+    "attn.c_attn": "att",  # split into att.W_query, att.W_key, att.W_value
+    "attn.c_proj": "att.out_proj",
+    "ln_2": "norm2",
+    "mlp.c_fc": "ff.layers.0",
+    "mlp.c_proj": "ff.layers.2",
+}
+_TOP_MODULES = {"wte": "tok_emb", "wpe": "pos_emb", "ln_f": "final_norm"}
+_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+_QKV = ("W_query", "W_key", "W_value")
+_LAYER_NORM_NAMES = {"weight": "scale", "bias": "shift"}
+_BLOCK_TENSOR = re.compile(r"h\.(\d+)\.(.+)\.(weight|bias)")
+# Causal masks that older transformers saved with the weights; the model builds its own.
+_MASK_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+
+
+def _book_names(hf_name):
+    """The book's parameters that Hugging Face's tensor `hf_name` holds, and how.
+
+    Returns (book names, transposed, packed), or None for a name GPT-2 does not have:
+    `transposed` for Conv1D weights, `packed` when the tensor is Q, K and V side by side
+    (split along its last axis). `hf_name` has no "transformer." prefix.
+    """
+    if hf_name == "lm_head.weight":
+        return ["out_head.weight"], False, False
+    module, _, kind = hf_name.rpartition(".")
+    if module in _TOP_MODULES and kind in ("weight", "bias"):
+        if module == "ln_f":
+            kind = _LAYER_NORM_NAMES[kind]
+        elif kind == "bias":
+            return None
+        return [f"{_TOP_MODULES[module]}.{kind}"], False, False
+    match = _BLOCK_TENSOR.fullmatch(hf_name)
+    if match is None or match[2] not in _BLOCK_MODULES:
+        return None
+    layer, module, kind = match.groups()
+    prefix = f"trf_blocks.{layer}.{_BLOCK_MODULES[module]}"
+    if module.startswith("ln_"):
+        return [f"{prefix}.{_LAYER_NORM_NAMES[kind]}"], False, False
+    transposed = kind == "weight" and module in _CONV1D
+    if module == "attn.c_attn":
+        return [f"{prefix}.{name}.{kind}" for name in _QKV], transposed, True
+    return [f"{prefix}.{kind}"], transposed, False
+
+
+def _hf_names(n_layers, tied=True):
+    """Every tensor name of a GPT-2 with `n_layers` blocks, without the "transformer." prefix."""
+    names = ["wte.weight", "wpe.weight"]
+    for layer in range(n_layers):
+        names += [f"h.{layer}.{module}.{kind}" for module in _BLOCK_MODULES for kind in ("weight", "bias")]
+    names += ["ln_f.weight", "ln_f.bias"]
+    return names if tied else names + ["lm_head.weight"]
+
+
+def _hf_shape(book_shape, transposed, packed):
+    shape = tuple(reversed(book_shape)) if transposed else tuple(book_shape)
+    return shape[:-1] + (3 * shape[-1],) if packed else shape
+
+
+def _to_book(array, transposed, packed):
+    parts = np.split(array, 3, axis=-1) if packed else [array]
+    return [part.T if transposed else part for part in parts]
+
+
+def _to_hf(arrays, transposed, packed):
+    parts = [array.T if transposed else array for array in arrays]
+    return np.ascontiguousarray(np.concatenate(parts, axis=-1) if packed else parts[0])
+
+
+def _load_tensors(model, names, get_tensor, source):
+    """Copy Hugging Face-named tensors into `model`, one at a time, checking every name and shape.
+
+    `get_tensor(name)` reads one tensor, so only one is in memory beside the model. Without an
+    `lm_head.weight`, an untied output head gets the token embedding (GPT-2 ties them).
+    """
+    params = dict(model.named_parameters())  # a tied out_head is listed once, as tok_emb
+    assigned = set()
+    for name in names:
+        hf_name = name.removeprefix("transformer.")
+        if _MASK_BUFFERS.fullmatch(hf_name):
+            continue
+        mapping = _book_names(hf_name)
+        if mapping is None:
+            raise ValueError(f"{source}: unexpected tensor {name!r}, which GPT-2 does not have")
+        book_names, transposed, packed = mapping
+        if book_names == ["out_head.weight"] and "out_head.weight" not in params:
+            continue  # the model ties its head, so the embedding already fills it
+        targets = [params[book_name] for book_name in book_names if book_name in params]
+        if len(targets) != len(book_names):
+            raise ValueError(f"{source}: tensor {name!r} has no place in a model with "
+                             f"{model.cfg['n_layers']} layers (expected parameter {book_names[0]!r})")
+        array = get_tensor(name)
+        expected = _hf_shape(targets[0].shape, transposed, packed)
+        if array.shape != expected:
+            raise ValueError(f"{source}: tensor {name!r} has shape {array.shape}, expected {expected} "
+                             f"(for {', '.join(book_names)})")
+        for target, part in zip(targets, _to_book(array, transposed, packed)):
+            target.data[...] = backend.to_device(part.astype(target.dtype), target.device)
+        assigned.update(book_names)
+    if "out_head.weight" in params and "out_head.weight" not in assigned and "tok_emb.weight" in assigned:
+        params["out_head.weight"].data[...] = params["tok_emb.weight"].data
+        assigned.add("out_head.weight")
+    missing = [name for name in params if name not in assigned]
+    if missing:
+        raise ValueError(f"{source}: no tensor for parameter(s) {', '.join(missing[:5])}"
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    return model
+
+
+# ---------------------------------------------------------------------------- Hugging Face files
+
+def _read_config(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: a Hugging Face GPT-2 folder needs its {CONFIG_FILE}") from None
+
+
+def book_config(hf_config, source=CONFIG_FILE):
+    """The book's config dict for a Hugging Face GPT-2 config (a dict as in config.json).
+
+    Settings that change the arithmetic in a way GPTModel does not implement are refused
+    rather than silently computed differently.
+    """
+    missing = [key for key in ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer") if key not in hf_config]
+    if missing:
+        raise ValueError(f"{source} lacks {missing}: is it a GPT-2 config?")
+    supported = {
+        "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # both GPT-2's tanh approximation
+        "n_inner": (None, 4 * hf_config["n_embd"]),  # the book's feed-forward width
+        "scale_attn_weights": (True,),
+        "scale_attn_by_inverse_layer_idx": (False,),
+    }
+    for key, allowed in supported.items():
+        if hf_config.get(key, allowed[0]) not in allowed:
+            raise ValueError(f"{source}: {key}={hf_config[key]!r} is not supported; expected one of {allowed}")
+    return {
+        "vocab_size": hf_config["vocab_size"],
+        "context_length": hf_config["n_positions"],
+        "emb_dim": hf_config["n_embd"],
+        "n_heads": hf_config["n_head"],
+        "n_layers": hf_config["n_layer"],
+        "drop_rate": hf_config.get("resid_pdrop", 0.1),
+        "qkv_bias": True,
+        "tie_weights": hf_config.get("tie_word_embeddings", True),
+    }
+
+
+def _set_layer_norm_eps(model, eps):
+    # GPTModel builds its LayerNorms with the book's eps (1e-5, as GPT-2's); a config may say otherwise.
+    for _, module in model.modules():
+        if isinstance(module, LayerNorm):
+            module.eps = eps
+
+
+def _weights_file(path):
+    """(config.json, weights file) of a save_pretrained folder, or of a weights file given directly."""
+    path = Path(path)
+    if path.is_file():
+        return path.parent / CONFIG_FILE, path
+    for name in (SAFETENSORS_FILE, TORCH_FILE):
+        if (path / name).is_file():
+            return path / CONFIG_FILE, path / name
+    raise FileNotFoundError(f"{path} holds neither {SAFETENSORS_FILE} nor {TORCH_FILE}")
+
+
+def _import_torch(path):
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"reading {path} needs torch (pip install torch); safetensors files do not") from None
+    return torch
+
+
+def _torch_load(path):
+    # weights_only=True refuses anything but tensors and plain containers: no code runs.
+    return _import_torch(path).load(path, map_location="cpu", weights_only=True)
+
+
+def load_hf_gpt2(path_or_dir, dtype="float32"):
+    """A GPTModel (in eval mode, qkv_bias=True, tied head) from Hugging Face GPT-2 files.
+
+    `path_or_dir` is a save_pretrained folder (config.json + model.safetensors, or
+    pytorch_model.bin, which needs torch) or such a weights file beside its config.json.
+    Safetensors are read one tensor at a time, so memory stays close to the model's own.
+    """
+    config_path, weights_path = _weights_file(path_or_dir)
+    hf_config = _read_config(config_path)
+    model = GPTModel(book_config(hf_config, config_path), dtype=dtype, seed=0)  # seed 0: leave tl.manual_seed's stream alone
+    _set_layer_norm_eps(model, hf_config.get("layer_norm_epsilon", 1e-5))
+    if weights_path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(weights_path, framework="np") as weights:
+            _load_tensors(model, list(weights.keys()), weights.get_tensor, weights_path)
+    else:
+        state = _torch_load(weights_path)
+        _load_tensors(model, list(state), lambda name: state[name].numpy(), weights_path)
+    return model.eval()
+
+
+def _layer_norm_eps(model):
+    eps = {module.eps for _, module in model.modules() if isinstance(module, LayerNorm)}
+    if len(eps) != 1:
+        raise ValueError(f"the model's LayerNorms use different eps {sorted(eps)}; GPT-2 has one layer_norm_epsilon")
+    return eps.pop()
+
+
+def save_hf_gpt2(model, directory):
+    """Write `model` as config.json + model.safetensors that GPT2LMHeadModel.from_pretrained loads.
+
+    Without qkv_bias the Q, K, V biases are written as zeros (GPT-2 always has them). A head
+    equal to the token embedding is saved tied; another head as its own `lm_head.weight`.
+    Each file is written to a temporary name and renamed, so a crash leaves no half file.
+    """
+    from safetensors.numpy import save_file
+
+    cfg, state = model.cfg, model.state_dict()
+    tied = np.array_equal(state["out_head.weight"], state["tok_emb.weight"])
+    tensors = {}
+    for hf_name in _hf_names(cfg["n_layers"], tied):
+        book_names, transposed, packed = _book_names(hf_name)
+        # A model without qkv_bias has no Q, K, V biases: zeros compute the same.
+        arrays = [state[name] if name in state else np.zeros(cfg["emb_dim"], model.dtype) for name in book_names]
+        key = hf_name if hf_name == "lm_head.weight" else f"transformer.{hf_name}"
+        tensors[key] = _to_hf(arrays, transposed, packed)
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg["vocab_size"],
+        "n_positions": cfg["context_length"],
+        "n_embd": cfg["emb_dim"],
+        "n_head": cfg["n_heads"],
+        "n_layer": cfg["n_layers"],
+        "layer_norm_epsilon": _layer_norm_eps(model),
+        "activation_function": "gelu_new",
+        "resid_pdrop": cfg["drop_rate"],
+        "embd_pdrop": cfg["drop_rate"],
+        "attn_pdrop": cfg["drop_rate"],
+        "tie_word_embeddings": bool(tied),
+        # GPT-2's <|endoftext|> begins and ends texts; a smaller vocabulary has no such token.
+        "bos_token_id": ENDOFTEXT_ID if cfg["vocab_size"] > ENDOFTEXT_ID else None,
+        "eos_token_id": ENDOFTEXT_ID if cfg["vocab_size"] > ENDOFTEXT_ID else None,
+        "dtype": str(model.dtype),
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # transformers refuses a safetensors file whose metadata does not name its framework.
+    _write_atomic(directory / SAFETENSORS_FILE, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    _write_atomic(directory / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(hf_config, indent=2)))
+    return directory
+
+
+def _write_atomic(path, write):
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+# ---------------------------------------------------------------------------- the book's formats
+
+def load_book_state_dict(model_or_cfg, path, dtype="float32"):
+    """Load a state dict saved by the book's PyTorch code (`torch.save(model.state_dict(), "model.pth")`).
+
+    `model_or_cfg` is a GPTModel or the book's config dict to build one. The file is read with
+    torch.load(weights_only=True); section 5.4's `{"model_state_dict": ..., "optimizer_state_dict": ...}`
+    is accepted too (its optimizer state is ignored). Returns the model in eval mode, as the
+    book puts it after loading.
+    """
+    state = _torch_load(path)
+    if isinstance(state, dict) and "model_state_dict" in state:
+        state = state["model_state_dict"]
+    model = model_or_cfg if isinstance(model_or_cfg, GPTModel) else GPTModel(model_or_cfg, dtype=dtype, seed=0)
+    return model.load_state_dict(state).eval()
+
+
+# The book's nested `params` (section 5.5, read from OpenAI's TensorFlow checkpoint) name a
+# tensor by its path: params["blocks"][3]["attn"]["c_attn"]["w"] is Hugging Face's
+# h.3.attn.c_attn.weight, in the same (in, out) layout; LayerNorms name their scale "g".
+_BOOK_LEAVES = {"w": "weight", "g": "weight", "b": "bias"}
+_BOOK_TOP_LEVEL = {"wte": "wte.weight", "wpe": "wpe.weight", "g": "ln_f.weight", "b": "ln_f.bias"}
+
+
+def _flatten_book_params(params):
+    flat = {hf_name: params[key] for key, hf_name in _BOOK_TOP_LEVEL.items()}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{_BOOK_LEAVES.get(key, key)}"] = value
+
+    for layer, block in enumerate(params["blocks"]):
+        walk(block, f"h.{layer}.")
+    return flat
+
+
+def load_weights_into_gpt(gpt, params):
+    """The book's section 5.5 loader: copy OpenAI's nested `params` into `gpt` (built with qkv_bias=True).
+
+    `params` as `download_and_load_gpt2` returns it. An untied output head gets the token
+    embedding, as in the book.
+    """
+    flat = _flatten_book_params(params)
+    return _load_tensors(gpt, list(flat), lambda name: np.asarray(flat[name]), "params")
+
+
+def download_and_load_gpt2(model_size, models_dir=None, base_url=None):
+    """The book's section 5.5 entry point: (settings, params) for "124M", "355M", "774M" or "1558M".
+
+    Downloads Hugging Face's copy of OpenAI's weights once (see `download_gpt2`) and returns
+    them in the book's format: settings as OpenAI's hparams.json, params as nested dicts.
+    Everything is in memory at once, as in the book; `load_hf_gpt2` reads one tensor at a time.
+    """
+    from safetensors import safe_open
+
+    directory = download_gpt2(model_size, models_dir, base_url=base_url)
+    hf_config = _read_config(directory / CONFIG_FILE)
+    settings = {"n_vocab": hf_config["vocab_size"], "n_ctx": hf_config["n_positions"],
+                "n_embd": hf_config["n_embd"], "n_head": hf_config["n_head"], "n_layer": hf_config["n_layer"]}
+    params = {"blocks": [{} for _ in range(hf_config["n_layer"])]}
+    top_level = {hf_name: key for key, hf_name in _BOOK_TOP_LEVEL.items()}
+    with safe_open(directory / SAFETENSORS_FILE, framework="np") as weights:
+        for name in weights.keys():
+            hf_name = name.removeprefix("transformer.")
+            if hf_name in top_level:
+                params[top_level[hf_name]] = weights.get_tensor(name)
+            elif _BLOCK_TENSOR.fullmatch(hf_name) and not _MASK_BUFFERS.fullmatch(hf_name):
+                _, layer, *path, leaf = hf_name.split(".")
+                node = params["blocks"][int(layer)]
+                for key in path:
+                    node = node.setdefault(key, {})
+                node[{"weight": "g" if path[0].startswith("ln_") else "w", "bias": "b"}[leaf]] = weights.get_tensor(name)
+    return settings, params
