@@ -1,0 +1,28 @@
+"""The sampling filters of text generation in PyTorch, as the book writes them.
+
+tests/test_generate.py compares tinygrad_llm.generate's filters against these. Top-k is
+the book's chapter 5 code. Top-p (nucleus sampling) is not in the book; it is written here
+from its definition, independently of the library's sort-and-cut-off version: a token is
+kept when the tokens strictly more probable than it hold less than `top_p` of the mass, so
+the most probable tokens are kept until their sum first reaches top_p (ties kept together).
+"""
+import torch
+
+
+def top_k_filter(logits, top_k):
+    """The book's top-k: logits below the k-th largest become -inf. logits: (B, V)."""
+    top_logits, _ = torch.topk(logits, top_k)
+    min_val = top_logits[:, -1:]
+    return torch.where(logits < min_val, torch.tensor(float("-inf"), dtype=logits.dtype), logits)
+
+
+def mass_above(probs):
+    """For each token, the probability mass of the tokens strictly more probable than it. probs: (B, V)."""
+    more_probable = probs[:, None, :] > probs[:, :, None]  # [b, i, j]: token j beats token i
+    return (more_probable * probs[:, None, :]).sum(dim=-1)
+
+
+def top_p_filter(logits, top_p):
+    """Nucleus filter: logits of tokens outside the nucleus become -inf. logits: (B, V)."""
+    probs = torch.softmax(logits, dim=-1)
+    return torch.where(mass_above(probs) < top_p, logits, torch.tensor(float("-inf"), dtype=logits.dtype))

@@ -1,0 +1,181 @@
+"""tl.generate: the KV cache gives the uncached loop's tokens, the filters match torch, eos stops."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import tinygrad_llm as tl
+from reference import sampling as torch_sampling
+from tinygrad_llm.generate import generate_text_simple, pick_next_token, top_k_filter, top_p_filter
+
+# float64 so that the cached and uncached paths (different matmul shapes) cannot round
+# differently enough to flip a token; dropout on, to check generation turns it off.
+CFG = {"vocab_size": 40, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2,
+       "drop_rate": 0.5, "qkv_bias": True}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tl.GPTModel(CFG, dtype="float64", seed=7)
+
+
+PROMPT = np.array([[1, 2, 3], [4, 5, 6]])
+
+
+def test_greedy_with_and_without_cache_identical_past_the_context(model):
+    # 3 + 20 tokens with a context of 8: the window slides for most of the run.
+    cached = tl.generate(model, PROMPT, 20, context_size=8)
+    uncached = tl.generate(model, PROMPT, 20, context_size=8, use_cache=False)
+    assert cached.shape == (2, 23) and cached.dtype == np.int64
+    np.testing.assert_array_equal(cached, uncached)
+    np.testing.assert_array_equal(cached, generate_text_simple(model, PROMPT, 20, 8))
+
+
+def test_greedy_is_the_argmax_of_the_last_window(model):
+    out = tl.generate(model, PROMPT, 12, context_size=6)
+    model.eval()
+    with tl.no_grad():
+        for t in range(PROMPT.shape[1], out.shape[1]):
+            logits = model(out[:, max(0, t - 6):t]).numpy()[:, -1]
+            np.testing.assert_array_equal(out[:, t], logits.argmax(-1))
+    model.train()
+
+
+@pytest.mark.parametrize("context_size", [8, 5])
+def test_sampling_with_and_without_cache_identical(model, context_size):
+    options = dict(temperature=1.3, top_k=12, top_p=0.9, seed=11)
+    cached = tl.generate(model, PROMPT, 20, context_size, **options)
+    uncached = tl.generate(model, PROMPT, 20, context_size, use_cache=False, **options)
+    np.testing.assert_array_equal(cached, uncached)
+    assert not np.array_equal(cached, tl.generate(model, PROMPT, 20, context_size))  # it did sample
+
+
+def test_prompt_longer_than_the_context(model):
+    prompt = np.arange(1, 13)[None]  # 12 tokens, context 8
+    np.testing.assert_array_equal(tl.generate(model, prompt, 5, 8), tl.generate(model, prompt, 5, 8, use_cache=False))
+
+
+def test_cache_feeds_one_token_per_step_until_the_window_slides(model, monkeypatch):
+    fed = []
+    forward = type(model).forward
+
+    def recording_forward(self, idx, cache=None):
+        fed.append(np.shape(idx)[1])
+        return forward(self, idx, cache)
+
+    monkeypatch.setattr(type(model), "forward", recording_forward)
+    tl.generate(model, PROMPT, 8, context_size=6)
+    # prompt (3), then one token at a time until 6 are cached, then the whole window each step
+    assert fed == [3, 1, 1, 1, 6, 6, 6, 6]
+    fed.clear()
+    tl.generate(model, PROMPT, 4, context_size=6, use_cache=False)
+    assert fed == [3, 4, 5, 6]
+
+
+def test_seed_fixes_the_sample_and_none_uses_manual_seed(model):
+    a = tl.generate(model, PROMPT, 10, 8, temperature=1.0, seed=3)
+    np.testing.assert_array_equal(a, tl.generate(model, PROMPT, 10, 8, temperature=1.0, seed=3))
+    assert not np.array_equal(a, tl.generate(model, PROMPT, 10, 8, temperature=1.0, seed=4))
+    tl.manual_seed(5)
+    b = tl.generate(model, PROMPT, 10, 8, temperature=1.0)
+    tl.manual_seed(5)
+    np.testing.assert_array_equal(b, tl.generate(model, PROMPT, 10, 8, temperature=1.0))
+
+
+def test_eos_stops_and_pads_finished_sequences(model):
+    free = tl.generate(model, PROMPT[:1], 10, 8, temperature=1.0, seed=2)[0, 3:]
+    eos = int(free[4])
+    first = int(np.argmax(free == eos))  # eos may appear before index 4
+    stopped = tl.generate(model, PROMPT[:1], 10, 8, temperature=1.0, seed=2, eos_id=eos)
+    # as in the book, the eos token ends generation and is not appended
+    np.testing.assert_array_equal(stopped[0], np.concatenate([PROMPT[0], free[:first]]))
+
+    batch = tl.generate(model, PROMPT, 10, 8, temperature=1.0, seed=2, eos_id=eos)
+    free_batch = tl.generate(model, PROMPT, 10, 8, temperature=1.0, seed=2)
+    for row, free_row in zip(batch[:, 3:], free_batch[:, 3:]):
+        hits = np.flatnonzero(free_row == eos)
+        end = hits[0] if len(hits) else len(free_row)
+        np.testing.assert_array_equal(row[:end], free_row[:end])
+        assert (row[end:] == eos).all()  # a finished sequence is padded with eos
+
+
+def test_runs_in_eval_mode_without_a_graph_and_restores_training(model):
+    model.train()
+    a = tl.generate(model, PROMPT, 6, 8)
+    b = tl.generate(model, PROMPT, 6, 8)
+    np.testing.assert_array_equal(a, b)  # dropout (p=0.5) was off
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("bad, message", [(40, "token id 40"), (-1, "token id -1")])
+def test_bad_token_id_raises_naming_it(model, bad, message):
+    with pytest.raises(ValueError, match=message):
+        tl.generate(model, np.array([[1, bad]]), 3, 8)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(context_size=9), "context_size 9"), (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k"),
+    (dict(temperature=-1.0), "temperature"), (dict(max_new_tokens=-1), "max_new_tokens")])
+def test_bad_options_raise(model, kwargs, message):
+    args = {"max_new_tokens": 3, "context_size": 8, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        tl.generate(model, PROMPT, **args)
+
+
+def test_prompt_must_be_a_batch_of_token_ids(model):
+    with pytest.raises(ValueError, match="shaped \\(batch, tokens\\)"):
+        tl.generate(model, np.array([1, 2, 3]), 3, 8)
+
+
+# ---- the filters against the torch reference ------------------------------------------------
+
+logit_rows = st.integers(1, 3).flatmap(lambda b: st.integers(1, 12).flatmap(lambda v: st.lists(
+    st.lists(st.one_of(st.sampled_from([-1.0, 0.0, 2.0]), st.floats(-8, 8)), min_size=v, max_size=v),
+    min_size=b, max_size=b)))
+filters = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@filters
+@given(rows=logit_rows, data=st.data())
+def test_top_k_keeps_what_the_books_top_k_keeps(rows, data):
+    logits = np.array(rows)
+    top_k = data.draw(st.integers(1, logits.shape[1]))
+    expected = torch_sampling.top_k_filter(torch.tensor(logits), top_k).numpy()
+    np.testing.assert_array_equal(top_k_filter(logits, top_k), expected)
+
+
+@filters
+@given(rows=logit_rows, top_p=st.floats(0.01, 1.0))
+def test_top_p_keeps_the_nucleus(rows, top_p):
+    logits = np.array(rows)
+    probs = torch.softmax(torch.tensor(logits), dim=-1)
+    # Where a token's mass above sits within rounding of top_p, either answer is right.
+    assume(np.abs(torch_sampling.mass_above(probs).numpy() - top_p).min() > 1e-9)
+    expected = torch_sampling.top_p_filter(torch.tensor(logits), top_p).numpy()
+    np.testing.assert_array_equal(top_p_filter(logits, top_p), expected)
+
+
+def test_top_k_larger_than_the_vocabulary_keeps_everything():
+    logits = np.array([[0.5, -1.0, 2.0]])
+    np.testing.assert_array_equal(top_k_filter(logits, 10), logits)
+
+
+def test_sampling_draws_from_the_tempered_filtered_distribution():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    rng = np.random.default_rng(0)
+    n = 20000
+
+    def frequencies(**options):
+        draws = pick_next_token(np.repeat(logits, n, axis=0), rng=rng, **options)  # n sequences, one draw each
+        return np.bincount(draws, minlength=4) / n
+
+    def expected(weights):
+        return np.asarray(weights) / np.sum(weights)
+
+    tolerance = 4 * np.sqrt(0.25 / n)  # four standard deviations of a frequency
+    np.testing.assert_allclose(frequencies(temperature=1.0), [0.5, 0.3, 0.15, 0.05], atol=tolerance)
+    np.testing.assert_allclose(frequencies(temperature=0.5), expected([0.25, 0.09, 0.0225, 0.0025]), atol=tolerance)
+    np.testing.assert_allclose(frequencies(temperature=1.0, top_k=2), expected([0.5, 0.3, 0, 0]), atol=tolerance)
+    np.testing.assert_allclose(frequencies(temperature=1.0, top_p=0.7), expected([0.5, 0.3, 0, 0]), atol=tolerance)
