@@ -1,0 +1,1 @@
+"""PyTorch twins of tinygrad_llm's ops and model, used by the tests, the benchmarks and graders."""
