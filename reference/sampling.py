@@ -1,12 +1,24 @@
-"""The sampling filters of text generation in PyTorch, as the book writes them.
+"""Text generation in PyTorch as the book writes it: the greedy loop and the sampling filters.
 
-tests/test_generate.py compares tinygrad_llm.generate's filters against these. Top-k is
-the book's chapter 5 code. Top-p (nucleus sampling) is not in the book; it is written here
+tests/test_generate.py compares tinygrad_llm.generate against these. The greedy loop is
+the book's chapter 4 `generate_text_simple`; top-k is its chapter 5 code. Top-p (nucleus sampling) is not in the book; it is written here
 from its definition, independently of the library's sort-and-cut-off version: a token is
 kept when the tokens strictly more probable than it hold less than `top_p` of the mass, so
 the most probable tokens are kept until their sum first reaches top_p (ties kept together).
 """
 import torch
+
+
+def generate_text_simple(model, idx, max_new_tokens, context_size):
+    """The book's greedy loop: run the last `context_size` tokens, append the most likely next one."""
+    for _ in range(max_new_tokens):
+        idx_cond = idx[:, -context_size:]
+        with torch.no_grad():
+            logits = model(idx_cond)
+        probas = torch.softmax(logits[:, -1, :], dim=-1)
+        idx_next = torch.argmax(probas, dim=-1, keepdim=True)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx
 
 
 def top_k_filter(logits, top_k):
