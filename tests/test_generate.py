@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 import tinygrad_llm as tl
 from reference import gpt as torch_gpt
 from reference import sampling as torch_sampling
-from tinygrad_llm.generate import generate_text_simple, pick_next_token, top_k_filter, top_p_filter
+from tinygrad_llm.generate import (generate_text_simple, pick_next_token, text_to_token_ids, token_ids_to_text,
+                                   top_k_filter, top_p_filter)
 
 # float64 so that the cached and uncached paths (different matmul shapes) cannot round
 # differently enough to flip a token; dropout on, to check generation turns it off.
@@ -132,7 +133,7 @@ def test_prompt_must_be_a_batch_of_token_ids(model):
 logit_rows = st.integers(1, 3).flatmap(lambda b: st.integers(1, 12).flatmap(lambda v: st.lists(
     st.lists(st.one_of(st.sampled_from([-1.0, 0.0, 2.0]), st.floats(-8, 8)), min_size=v, max_size=v),
     min_size=b, max_size=b)))
-filters = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+filters = settings(suppress_health_check=[HealthCheck.too_slow])  # example counts: the profile's (conftest)
 
 
 @filters
@@ -177,3 +178,16 @@ def test_sampling_draws_from_the_tempered_filtered_distribution():
     np.testing.assert_allclose(frequencies(temperature=0.5), expected([0.25, 0.09, 0.0225, 0.0025]), atol=tolerance)
     np.testing.assert_allclose(frequencies(temperature=1.0, top_k=2), expected([0.5, 0.3, 0, 0]), atol=tolerance)
     np.testing.assert_allclose(frequencies(temperature=1.0, top_p=0.7), expected([0.5, 0.3, 0, 0]), atol=tolerance)
+
+
+# ---- text helpers -----------------------------------------------------------------------------
+
+
+def test_text_round_trip_through_token_ids():
+    from tinygrad_llm.tokenizers import get_gpt2_tokenizer
+
+    tokenizer = get_gpt2_tokenizer()
+    ids = text_to_token_ids("Every effort moves you<|endoftext|>", tokenizer)
+    np.testing.assert_array_equal(ids, [[6109, 3626, 6100, 345, 50256]])  # the book's ids
+    assert ids.dtype == np.int64
+    assert token_ids_to_text(ids, tokenizer) == "Every effort moves you<|endoftext|>"
