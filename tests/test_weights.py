@@ -13,17 +13,19 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 import tinygrad_llm as tl
+from tests.http_server import serve
 from tinygrad_llm.model import gpt2_config, parameter_counts
 from tinygrad_llm.weights import (
-    book_config, load_book_state_dict, load_hf_gpt2, load_weights_into_gpt, save_hf_gpt2,
+    book_config, download_and_load_gpt2, download_gpt2, load_book_state_dict, load_hf_gpt2,
+    load_weights_into_gpt, save_hf_gpt2,
 )
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 # Logits are compared by the largest |difference| over the largest |logit|.
 # float64: 1e-12; the worst of 200 small configs measured 4e-14.
@@ -74,8 +76,8 @@ def hf_gpt2(config, dtype="float32", seed=0):
 
 
 def small_config(**overrides):
-    settings_ = dict(n_layer=2, n_head=2, n_embd=8, vocab_size=50, n_positions=16, bos_token_id=None, eos_token_id=None)
-    return transformers.GPT2Config(**{**settings_, **overrides})
+    defaults = dict(n_layer=2, n_head=2, n_embd=8, vocab_size=50, n_positions=16, bos_token_id=None, eos_token_id=None)
+    return transformers.GPT2Config(**{**defaults, **overrides})
 
 
 def token_ids(config, seed=0):
@@ -158,7 +160,7 @@ def save_tensors(folder, change):
      r"'transformer.wpe.weight' has shape \(17, 8\), expected \(16, 8\)"),
     (lambda t: t.pop("transformer.h.0.mlp.c_proj.bias"), r"no tensor for parameter\(s\) trf_blocks.0.ff.layers.2.bias"),
     (lambda t: t.update({"transformer.h.2.ln_1.weight": np.ones(8, np.float32)}),
-     r"'transformer.h.2.ln_1.weight' has no place in a model with 2 layers"),
+     r"'transformer.h.2.ln_1.weight' has no place in this model, which has no parameter 'trf_blocks.2.norm1.scale' \(2 layers"),
     (lambda t: t.update({"transformer.h.0.attn.rotary.weight": np.ones(8, np.float32)}),
      r"unexpected tensor 'transformer.h.0.attn.rotary.weight'"),
 ])
@@ -229,3 +231,103 @@ def test_load_weights_into_gpt_as_in_the_book():
     cfg = {**tl.GPT_CONFIG_124M, **book_config(config.to_dict()), "tie_weights": False}  # the book's head is its own
     gpt = load_weights_into_gpt(tl.GPTModel(cfg), book_params(reference)).eval()
     assert_logits_match(gpt, reference, token_ids(config))
+
+
+# ---- downloads, from a server on 127.0.0.1 ---------------------------------------------------
+
+HUB_FOLDER = "/openai-community/gpt2/resolve/main"
+
+
+@pytest.fixture(scope="module")
+def hub_files(tmp_path_factory):
+    """A small GPT-2 as the hub serves it for "124M": {url path: bytes}, and the transformers model."""
+    folder = tmp_path_factory.mktemp("hub")
+    reference = hf_gpt2(small_config())
+    reference.save_pretrained(folder)
+    files = {f"{HUB_FOLDER}/{name}": (folder / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    return files, reference
+
+
+def test_download_once_into_the_cache(hub_files, tmp_path, monkeypatch):
+    files, reference = hub_files
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with serve(files) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url(""))
+        folder = download_gpt2("gpt2-small", progress=False)
+        assert folder == tmp_path / "tinygrad_llm" / "gpt2" / "124M"
+        assert sorted(path for path, _ in server.requests) == sorted(files)
+        assert download_gpt2("124M", progress=False) == folder
+        assert len(server.requests) == 2  # the files were there: nothing fetched the second time
+    for url_path, data in files.items():
+        assert (folder / url_path.rsplit("/", 1)[1]).read_bytes() == data
+    assert_logits_match(load_hf_gpt2(folder), reference, token_ids(reference.config))
+
+
+def test_files_in_the_data_folder_are_used(hub_files, tmp_path, monkeypatch):
+    files, _ = hub_files
+    shipped = tmp_path / "gpt2" / "355M"
+    shipped.mkdir(parents=True)
+    for url_path, data in files.items():
+        (shipped / url_path.rsplit("/", 1)[1]).write_bytes(data)
+    monkeypatch.setenv("TINYGRAD_LLM_DATA", str(tmp_path))
+    with serve({}) as server:
+        assert download_gpt2("gpt2-medium", models_dir=tmp_path / "models", base_url=server.url("")) == shipped
+        assert server.requests == []
+
+
+def test_a_dropped_connection_resumes(hub_files, tmp_path):
+    files, _ = hub_files
+    weights = files[f"{HUB_FOLDER}/model.safetensors"]
+    with serve(files) as server:
+        server.drop_after = len(weights) // 2  # config.json is shorter and arrives whole
+        with pytest.raises(RuntimeError, match="cut off"):
+            download_gpt2("124M", tmp_path, base_url=server.url(""), progress=False)
+        assert not (tmp_path / "124M" / "model.safetensors").exists()
+        server.drop_after = None
+        folder = download_gpt2("124M", tmp_path, base_url=server.url(""), progress=False)
+    assert server.requests[-1] == (f"{HUB_FOLDER}/model.safetensors", f"bytes={len(weights) // 2}-")
+    assert len(server.requests) == 3  # config once, the weights twice
+    assert (folder / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.parametrize("served, message", [
+    (b"<html>Too many requests</html>", "not a valid safetensors file"),
+    ("truncated", "not a valid safetensors file"),
+    ("other size", r"wte.weight has shape \(50, 12\), .* implies \(50, 8\)"),
+])
+def test_a_bad_download_is_refused_and_deleted(hub_files, tmp_path, served, message):
+    files, _ = hub_files
+    weights = files[f"{HUB_FOLDER}/model.safetensors"]
+    if served == "truncated":
+        served = weights[:-100]  # a server that sends a short file with a matching Content-Length
+    elif served == "other size":
+        hf_gpt2(small_config(n_embd=12)).save_pretrained(tmp_path / "other")
+        served = (tmp_path / "other" / "model.safetensors").read_bytes()
+    with serve({**files, f"{HUB_FOLDER}/model.safetensors": served}) as server:
+        with pytest.raises(ValueError, match=message):
+            download_gpt2("124M", tmp_path, base_url=server.url(""), progress=False)
+    assert not (tmp_path / "124M" / "model.safetensors").exists()
+
+
+def assert_same_tree(ours, expected, where="params"):
+    assert type(ours) is type(expected), where
+    if isinstance(expected, dict):
+        assert ours.keys() == expected.keys(), where
+        for key in expected:
+            assert_same_tree(ours[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, list):
+        assert len(ours) == len(expected), where
+        for index, (a, b) in enumerate(zip(ours, expected)):
+            assert_same_tree(a, b, f"{where}[{index}]")
+    else:
+        np.testing.assert_array_equal(ours, expected, err_msg=where)
+
+
+def test_download_and_load_gpt2_as_in_the_book(hub_files, tmp_path):
+    files, reference = hub_files
+    with serve(files) as server:
+        hparams, params = download_and_load_gpt2("124M", tmp_path, base_url=server.url(""))
+    config = reference.config
+    assert hparams == {"n_vocab": config.vocab_size, "n_ctx": config.n_positions, "n_embd": config.n_embd,
+                         "n_head": config.n_head, "n_layer": config.n_layer}
+    assert_same_tree(params, book_params(reference))

@@ -6,10 +6,11 @@ section 5.5 reads the same layout:
 - its `Conv1D` layers keep weights as (in, out), the transpose of `Linear`'s (out, in);
 - one `c_attn` projection packs Q, K and V side by side: (emb_dim, 3 * emb_dim);
 - the output head is tied to the token embedding (`lm_head.weight` is `wte.weight`);
-- every attention layer carries a causal-mask buffer (`attn.bias`, `attn.masked_bias`).
+- files written by older transformers (OpenAI's on the hub among them) carry each layer's
+  causal mask as a tensor (`attn.bias`, `attn.masked_bias`).
 
-`_book_names` is the one table that relates a Hugging Face tensor to the book's parameter
-names; import, export and the book's nested `params` all go through it.
+`_book_names` alone relates a Hugging Face tensor to the book's parameter names; import,
+export and the book's nested `params` all go through it.
 """
 import json
 import os
@@ -19,14 +20,26 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend
-from .model import GPTModel
+from . import backend, datasets
+from .model import GPT2_SIZES, GPTModel
 from .nn import LayerNorm
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 TORCH_FILE = "pytorch_model.bin"
 ENDOFTEXT_ID = 50256
+
+# OpenAI's four GPT-2 sizes on the Hugging Face hub, as "124M" ... and as "gpt2-small" ...
+GPT2_REPOS = {
+    "124M": "openai-community/gpt2",
+    "355M": "openai-community/gpt2-medium",
+    "774M": "openai-community/gpt2-large",
+    "1558M": "openai-community/gpt2-xl",
+}
+_SIZE_OF_NAME = {name: size for size, name in GPT2_SIZES.items()}
+# The hub, or a mirror of it: the variable huggingface_hub reads, so one setting serves both.
+ENDPOINT_VARIABLE = "HF_ENDPOINT"
+DEFAULT_ENDPOINT = "https://huggingface.co"
 
 # Hugging Face module (inside block h.{i}) -> the book's module (inside trf_blocks.{i}).
 _BLOCK_MODULES = {
@@ -119,8 +132,9 @@ def _load_tensors(model, names, get_tensor, source):
             continue  # the model ties its head, so the embedding already fills it
         targets = [params[book_name] for book_name in book_names if book_name in params]
         if len(targets) != len(book_names):
-            raise ValueError(f"{source}: tensor {name!r} has no place in a model with "
-                             f"{model.cfg['n_layers']} layers (expected parameter {book_names[0]!r})")
+            raise ValueError(f"{source}: tensor {name!r} has no place in this model, which has no "
+                             f"parameter {book_names[-1]!r} ({model.cfg['n_layers']} layers, "
+                             f"qkv_bias={model.cfg.get('qkv_bias', False)})")
         array = get_tensor(name)
         expected = _hf_shape(targets[0].shape, transposed, packed)
         if array.shape != expected:
@@ -210,7 +224,7 @@ def _torch_load(path):
 
 
 def load_hf_gpt2(path_or_dir, dtype="float32"):
-    """A GPTModel (in eval mode, qkv_bias=True, tied head) from Hugging Face GPT-2 files.
+    """A GPTModel (in eval mode, qkv_bias=True, its head tied as GPT-2's) from Hugging Face files.
 
     `path_or_dir` is a save_pretrained folder (config.json + model.safetensors, or
     pytorch_model.bin, which needs torch) or such a weights file beside its config.json.
@@ -370,3 +384,74 @@ def download_and_load_gpt2(model_size, models_dir=None, base_url=None):
                     node = node.setdefault(key, {})
                 node[{"weight": "g" if path[0].startswith("ln_") else "w", "bias": "b"}[leaf]] = weights.get_tensor(name)
     return settings, params
+
+
+# ---------------------------------------------------------------------------- downloads
+
+def gpt2_size(name):
+    """"124M", "355M", "774M" or "1558M" for a size or a preset name ("gpt2-small" ...)."""
+    size = _SIZE_OF_NAME.get(name, name)
+    if size not in GPT2_REPOS:
+        raise ValueError(f"unknown GPT-2 size {name!r}: expected one of {list(GPT2_REPOS) + list(_SIZE_OF_NAME)}")
+    return size
+
+
+def download_gpt2(size, models_dir=None, base_url=None, progress=True):
+    """The folder holding GPT-2 `size`'s config.json and model.safetensors, downloaded on first use.
+
+    `size` is "124M", "355M", "774M", "1558M" or "gpt2-small" ... "gpt2-xl". The folder is
+    `models_dir/<size>` if given (the book's layout), else `gpt2/<size>` in the cache folder
+    (tl.datasets). A copy in $TINYGRAD_LLM_DATA/gpt2/<size> is used as it is. Nothing is
+    fetched when both files are present. Files come from `base_url` (default $HF_ENDPOINT,
+    else https://huggingface.co) as `<base_url>/<repo>/resolve/main/<file>`, with a
+    progress bar; a download cut off midway resumes where it stopped on the next call.
+
+    Verified: the safetensors header is well formed and its tensors cover the file exactly
+    (a truncated or padded file, or an HTML error page, is refused), and the token
+    embedding's shape agrees with config.json. The hub publishes no sha256 that could be
+    pinned here, so the bytes inside the tensors are not checked against one.
+    """
+    size = gpt2_size(size)
+    if data_dir := os.environ.get("TINYGRAD_LLM_DATA"):
+        shipped = Path(data_dir) / "gpt2" / size
+        if all((shipped / name).is_file() for name in (CONFIG_FILE, SAFETENSORS_FILE)):
+            return shipped
+    folder = Path(models_dir) / size if models_dir is not None else datasets.cache_dir() / "gpt2" / size
+    base_url = (base_url or os.environ.get(ENDPOINT_VARIABLE) or DEFAULT_ENDPOINT).rstrip("/")
+    url = f"{base_url}/{GPT2_REPOS[size]}/resolve/main"
+    config_path = datasets.download_file(f"{url}/{CONFIG_FILE}", folder / CONFIG_FILE, progress=progress)
+    weights_path = folder / SAFETENSORS_FILE
+    if not weights_path.is_file():
+        datasets.download_file(f"{url}/{SAFETENSORS_FILE}", weights_path, progress=progress)
+        try:
+            _check_gpt2_files(config_path, weights_path)
+        except ValueError as error:
+            weights_path.unlink()
+            raise ValueError(f"{error}; the download from {url}/{SAFETENSORS_FILE} was deleted") from None
+    return folder
+
+
+def _check_gpt2_files(config_path, weights_path):
+    from safetensors import safe_open
+
+    hf_config = _read_config(config_path)
+    try:
+        with safe_open(weights_path, framework="np") as weights:
+            names = {name.removeprefix("transformer."): name for name in weights.keys()}
+            shape = tuple(weights.get_slice(names["wte.weight"]).get_shape()) if "wte.weight" in names else None
+    except Exception as error:  # safetensors raises its own error type for a malformed file
+        raise ValueError(f"{weights_path} is not a valid safetensors file ({error})") from None
+    expected = (hf_config["vocab_size"], hf_config["n_embd"])
+    if shape != expected:
+        raise ValueError(f"{weights_path}: the token embedding wte.weight has shape {shape}, "
+                         f"{config_path} implies {expected}")
+
+
+def load_gpt2(source, dtype="float32", progress=True):
+    """GPT-2 from a Hugging Face folder or weights file, or by size ("124M", "gpt2-small", ...).
+
+    A size is downloaded on first use (see `download_gpt2`), which needs a network.
+    """
+    if os.path.exists(source):
+        return load_hf_gpt2(source, dtype)
+    return load_hf_gpt2(download_gpt2(source, progress=progress), dtype)
