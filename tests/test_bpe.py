@@ -1,5 +1,4 @@
 """The byte-level BPE trainer: the book's example, a naive reference, round trips, save/load."""
-import time
 from collections import Counter
 
 import pytest
@@ -44,11 +43,8 @@ def naive_encode(text, merges):
 
 @pytest.fixture(scope="module")
 def verdict_tokenizer():
-    start = time.perf_counter()
-    tokenizer = BPETokenizer.train(VERDICT, 1000, special_tokens=["<|endoftext|>"])
-    # The issue asks for "seconds"; it takes about 0.5 s here, so 10 s leaves room for a slow CI machine.
-    assert time.perf_counter() - start < 10
-    return tokenizer
+    # Training time is measured by benchmarks/tokenizer.py, never asserted here.
+    return BPETokenizer.train(VERDICT, 1000, special_tokens=["<|endoftext|>"])
 
 
 def test_the_classic_example():
