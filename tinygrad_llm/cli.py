@@ -1,4 +1,4 @@
-"""The `tinygrad-llm` command line (also `python -m tinygrad_llm`): pretrain, generate, info.
+"""The `tinygrad-llm` command line (also `python -m tinygrad_llm`): pretrain, generate, import-gpt2, info.
 
 Each subcommand is a pair of functions: `add_<name>(subparsers)` declares its options and
 `run_<name>(args)` does the work through the Python API (train, generate, checkpoint), so
@@ -14,11 +14,12 @@ import time
 import numpy as np
 
 from . import backend
-from .checkpoint import model_from_checkpoint, read_checkpoint
+from .checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from .generate import generate_stream, text_to_token_ids
 from .model import GPT2_PRESETS, GPT2_SIZES, GPTModel, gpt2_config, parameter_counts
 from .optim import AdamW
 from .train import TrainingDivergedError, perplexity, plot_losses, train_model_simple
+from .weights import load_gpt2
 
 # A GPT small enough to train on The Verdict in a few minutes on two CPU cores. The GPT-2
 # vocabulary stays, so its text goes through the real tokenizer; most parameters are the
@@ -194,10 +195,15 @@ def run_pretrain(args):
 
 def add_generate(subparsers):
     p = subparsers.add_parser("generate", help="continue a prompt with a trained model (streams the text)",
-                              description="Continue --prompt with the model in --checkpoint, printing the text "
-                                          "as it is generated. Temperature 0 is greedy; otherwise top-k, then "
-                                          "top-p, then temperature shape the distribution sampled from.")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by pretrain")
+                              description="Continue --prompt with the model in --checkpoint or OpenAI's GPT-2 "
+                                          "(--model), printing the text as it is generated. Temperature 0 is "
+                                          "greedy; otherwise top-k, then top-p, then temperature shape the "
+                                          "distribution sampled from.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a checkpoint written by pretrain or import-gpt2")
+    which.add_argument("--model", metavar="SIZE|DIR",
+                       help="OpenAI's GPT-2: gpt2-small ... gpt2-xl or 124M ... 1558M (downloaded on first use, "
+                            "which needs a network) or a Hugging Face folder")
     p.add_argument("--prompt", default=START_CONTEXT, help=f"the text to continue (default {START_CONTEXT!r})")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
@@ -210,7 +216,10 @@ def add_generate(subparsers):
 
 def load_generation_model(args):
     """(model, tokenizer) for the generate subcommand."""
-    model, _ = model_from_checkpoint(args.checkpoint)
+    if args.model is not None:
+        model = load_openai_gpt2(args.model)
+    else:
+        model, _ = model_from_checkpoint(args.checkpoint)
     return model.to(device=args.device), get_tokenizer()
 
 
@@ -230,6 +239,39 @@ def run_generate(args):
             print(text[len(shown):], end="", flush=True)
             shown = text
     print(tokenizer.decode(generated)[len(shown):])
+    return 0
+
+
+# ---- import-gpt2 --------------------------------------------------------------------------
+
+
+def add_import_gpt2(subparsers):
+    p = subparsers.add_parser("import-gpt2", help="save OpenAI's GPT-2 weights as a checkpoint (the book's section 5.5)",
+                              description="Read GPT-2 from a Hugging Face folder (config.json with model.safetensors "
+                                          "or pytorch_model.bin) or by size, downloaded once into the cache (which "
+                                          "needs a network), and save it as a checkpoint for generate, info and "
+                                          "fine-tuning.")
+    p.add_argument("--from", dest="source", required=True, metavar="DIR|SIZE",
+                   help="a Hugging Face folder, or gpt2-small ... gpt2-xl, 124M ... 1558M")
+    p.add_argument("--out", required=True, metavar="CHECKPOINT", help="the checkpoint file to write")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.set_defaults(run=run_import_gpt2)
+
+
+def load_openai_gpt2(source, dtype="float32"):
+    """GPT-2 for --from / --model; a failed download ends the command with its reason, not a traceback."""
+    try:
+        return load_gpt2(source, dtype)
+    except RuntimeError as error:
+        raise SystemExit(f"{error}\nGPT-2's weights come from the Hugging Face hub on first use, which needs a "
+                         "network; a folder holding config.json and model.safetensors works offline") from None
+
+
+def run_import_gpt2(args):
+    model = load_openai_gpt2(args.source, args.dtype)
+    save_checkpoint(args.out, model, source=args.source, tokenizer="gpt2")
+    print(f"GPT-2 from {args.source}: {model.num_parameters():,} parameters "
+          f"({model.cfg['n_layers']} layers, emb_dim {model.cfg['emb_dim']}) -> {args.out}")
     return 0
 
 
@@ -271,7 +313,7 @@ def _nbytes(shape, dtype):
 
 # ---- entry point --------------------------------------------------------------------------
 
-SUBCOMMANDS = (add_pretrain, add_generate, add_info)
+SUBCOMMANDS = (add_pretrain, add_generate, add_import_gpt2, add_info)
 
 
 def build_parser():
