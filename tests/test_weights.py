@@ -101,7 +101,7 @@ def gpt2_configs(draw):
     )
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(config=gpt2_configs(), dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 2**16))
 def test_import_and_export_match_transformers(config, dtype, seed):
     reference = hf_gpt2(config, dtype, seed)
