@@ -298,6 +298,7 @@ def save_hf_gpt2(model, directory):
 
 
 def _write_atomic(path, write):
+    """Call write(temporary path) beside `path`, then rename: readers never see a half-written file."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(handle)
     try:
@@ -378,11 +379,12 @@ def download_and_load_gpt2(model_size, models_dir=None, base_url=None):
             if hf_name in top_level:
                 params[top_level[hf_name]] = weights.get_tensor(name)
             elif _BLOCK_TENSOR.fullmatch(hf_name) and not _MASK_BUFFERS.fullmatch(hf_name):
-                _, layer, *path, leaf = hf_name.split(".")
+                _, layer, *path, kind = hf_name.split(".")  # h.3.attn.c_attn.weight
                 node = params["blocks"][int(layer)]
                 for key in path:
                     node = node.setdefault(key, {})
-                node[{"weight": "g" if path[0].startswith("ln_") else "w", "bias": "b"}[leaf]] = weights.get_tensor(name)
+                leaf = "b" if kind == "bias" else "g" if path[0].startswith("ln_") else "w"
+                node[leaf] = weights.get_tensor(name)
     return settings, params
 
 
@@ -408,8 +410,8 @@ def download_gpt2(size, models_dir=None, base_url=None, progress=True):
 
     Verified: the safetensors header is well formed and its tensors cover the file exactly
     (a truncated or padded file, or an HTML error page, is refused), and the token
-    embedding's shape agrees with config.json. The hub publishes no sha256 that could be
-    pinned here, so the bytes inside the tensors are not checked against one.
+    embedding's shape agrees with config.json. No sha256 is pinned (none could be looked
+    up when this was written, offline), so the bytes inside the tensors go unchecked.
     """
     size = gpt2_size(size)
     if data_dir := os.environ.get("TINYGRAD_LLM_DATA"):
