@@ -192,7 +192,10 @@ def log_softmax_backward(dout, cache):
     # y = x - logsumexp(x)  =>  dx = dout - softmax(x) * sum(dout)
     y, axis = cache
     xp = xp_of(y)
-    return (dout - xp.exp(y) * dout.sum(axis=axis, keepdims=True),)
+    dx = xp.exp(y)  # one temporary, updated in place: over a 50257-wide vocabulary each one costs
+    dx *= -dout.sum(axis=axis, keepdims=True)
+    dx += dout
+    return (dx,)
 
 
 # ---- cross-entropy --------------------------------------------------------------------------
@@ -253,50 +256,64 @@ def causal_mask(t_query, t_key):
     return np.triu(np.ones((t_query, t_key), dtype=bool), k=t_key - t_query + 1)
 
 
-def dropout_mask(shape, p, dtype, device):
-    """Keep-mask scaled by 1/(1-p) (inverted dropout), drawn from the seeded generator."""
-    keep = backend.random_like(backend.generator(), shape, dtype, device) >= p
-    return keep.astype(dtype) * (1.0 / (1.0 - p))
+def dropout_mask(shape, p, device):
+    """Boolean keep-mask dropping each element with probability p, from the seeded generator.
+
+    Each element takes 32 random bits (half of one 64-bit draw, twice as fast as drawing a
+    float) and is dropped when they fall below p * 2^32. Drawn on the host, so NumPy and
+    CuPy get the same masks from the same seed.
+    """
+    n = math.prod(shape)
+    bits = backend.generator().bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
+    keep = bits >= np.uint32(min(round(p * 2**32), 2**32 - 1))
+    return backend.to_device(keep.reshape(shape), device)
 
 
 def scaled_dot_product_attention_forward(q, k, v, causal=True, dropout_p=0.0):
     check_float(q, "scaled_dot_product_attention")
     # q: (B, H, T, D)  k, v: (B, H, S, D)  ->  (B, H, T, D)
     xp = xp_of(q)
+    # Scaling q (B, H, T, D) costs a quarter of scaling the scores (B, H, T, S) and gives
+    # the matmul a contiguous operand.
+    q = q * q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
     att = q @ k.swapaxes(-1, -2)  # (B, H, T, S)
-    att *= 1.0 / math.sqrt(q.shape[-1])
     if causal:
         # -inf scores become exact zeros after exp(); every row keeps its own position.
-        bias = xp.asarray(np.where(causal_mask(q.shape[-2], k.shape[-2]), -np.inf, 0.0).astype(att.dtype))
-        att += bias
+        att += xp.asarray(np.where(causal_mask(q.shape[-2], k.shape[-2]), -np.inf, 0.0).astype(att.dtype))
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
-    keep = None
-    if dropout_p > 0.0:
-        keep = dropout_mask(att.shape, dropout_p, att.dtype, backend.device_of(att))
-        out = (att * keep) @ v
-    else:
-        out = att @ v
-    return out, (q, k, v, att, keep)
+    if dropout_p == 0.0:
+        return att @ v, (q, k, v, att, None)
+    # Inverted dropout on the weights; the 1/(1-p) goes on the (B, H, T, D) output, not on (B, H, T, S).
+    keep = dropout_mask(att.shape, dropout_p, backend.device_of(att))
+    out = (att * keep) @ v
+    out *= out.dtype.type(1.0 / (1.0 - dropout_p))
+    return out, (q, k, v, att, (keep, dropout_p))
 
 
 def scaled_dot_product_attention_backward(dout, cache):
-    # out = P' v with P' = dropout(P), P = softmax(s), s = q k^T / sqrt(D):
-    #   dv = P'^T dout,  dP' = dout v^T,  dP = dP' * keep,
+    # out = P' v with P' = keep * P / (1 - p), P = softmax(s), s = q' k^T, q' = q / sqrt(D):
+    #   dv = P'^T dout,  dP' = dout v^T,  dP = dP' * keep / (1 - p),
     #   ds = P * (dP - sum(dP * P))  (softmax backward, per row),
-    #   dq = ds k / sqrt(D),  dk = ds^T q / sqrt(D)
-    q, k, v, att, keep = cache
-    dropped = att if keep is None else att * keep
+    #   dq = ds k / sqrt(D),  dk = ds^T q'
+    # The 1/(1-p) is applied to dout (B, H, T, D) rather than to the (B, H, T, S) weights.
+    q, k, v, att, dropout = cache
+    xp = xp_of(att)
+    if dropout is None:
+        dropped = att
+    else:
+        keep, p = dropout
+        dropped = att * keep
+        dout = dout * dout.dtype.type(1.0 / (1.0 - p))
     dv = dropped.swapaxes(-1, -2) @ dout
     datt = dout @ v.swapaxes(-1, -2)
-    if keep is not None:
+    if dropout is not None:
         datt *= keep
-    row_dot = (datt * att).sum(axis=-1, keepdims=True)
-    datt -= row_dot
+    datt -= xp.einsum("...ij,...ij->...i", datt, att)[..., None]
     datt *= att
-    datt *= 1.0 / math.sqrt(q.shape[-1])
     dq = datt @ k
+    dq *= dq.dtype.type(1.0 / math.sqrt(q.shape[-1]))
     dk = datt.swapaxes(-1, -2) @ q
     return dq, dk, dv
 
@@ -327,13 +344,20 @@ def multi_head_attention_backward(dout, cache):
 
 
 def dropout_forward(x, p):
-    keep = dropout_mask(x.shape, p, x.dtype, backend.device_of(x))
-    return x * keep, keep
+    # out = x * keep / (1 - p): inverted dropout keeps each element's expected value
+    keep = dropout_mask(x.shape, p, backend.device_of(x))
+    scale = x.dtype.type(1.0 / (1.0 - p))
+    out = x * keep
+    out *= scale
+    return out, (keep, scale)
 
 
-def dropout_backward(dout, keep):
-    # out = x * keep / (1 - p)  =>  dx = dout * keep / (1 - p)  (the same scaled mask)
-    return (dout * keep,)
+def dropout_backward(dout, cache):
+    # The same mask and scale: dx = dout * keep / (1 - p)
+    keep, scale = cache
+    dx = dout * keep
+    dx *= scale
+    return (dx,)
 
 
 # ---- the public ops (Tensors in, Tensor out) ------------------------------------------------
