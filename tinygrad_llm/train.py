@@ -131,8 +131,8 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
             tqdm(total=total_steps, initial=state["step"], disable=not progress, unit="step") as bar:
         while state["epoch"] < num_epochs:
             model.train()
-            batches = _epoch_batches(train_loader, state)
-            for input_batch, target_batch in batches:
+            stopped_mid_epoch = False
+            for input_batch, target_batch in _epoch_batches(train_loader, state):
                 global_step = state["step"]  # the book's 0-based step number
                 if scheduled:
                     for group, peak_lr in zip(optimizer.param_groups, state["peak_lrs"]):
@@ -144,8 +144,8 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
                 if not math.isfinite(loss_value):
                     kept = f"; the last checkpoint {checkpoint_path} is kept" if checkpoint_path else ""
                     raise TrainingDivergedError(f"training stopped: the loss is {loss_value} at step {global_step} "
-                                             f"(epoch {state['epoch'] + 1}, batch {state['batch'] + 1}){kept}; "
-                                             "try a lower learning rate, warmup or gradient clipping")
+                                                f"(epoch {state['epoch'] + 1}, batch {state['batch'] + 1}){kept}; "
+                                                "try a lower learning rate, warmup or gradient clipping")
                 loss.backward()
                 if grad_clip is not None:
                     clip_grad_norm_(model.parameters(), grad_clip)
@@ -154,35 +154,36 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
                 state["batch"] += 1
                 state["tokens_seen"] += int(np.size(input_batch))
 
-                elapsed = max(time.perf_counter() - started, 1e-9)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}", ppl=f"{perplexity(loss_value):.1f}",
-                                tok_s=f"{(state['tokens_seen'] - tokens_at_start) / elapsed:.0f}")
+                                tok_s=f"{(state['tokens_seen'] - tokens_at_start) / (time.perf_counter() - started):.0f}")
                 if global_step % eval_freq == 0:
-                    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
-                    history["train_losses"].append(train_loss)
-                    history["val_losses"].append(val_loss)
-                    history["tokens_seen"].append(state["tokens_seen"])
-                    tqdm.write(f"Ep {state['epoch'] + 1} (Step {global_step:06d}): "
-                               f"Train loss {train_loss:.3f} (ppl {perplexity(train_loss):.1f}), "
-                               f"Val loss {val_loss:.3f} (ppl {perplexity(val_loss):.1f})")
-                if state["batch"] == steps_per_epoch:
-                    break  # the epoch is done: finish it below before a stop is honoured
-                if interrupt.requested or state["step"] == stop_at_step:
-                    save()
-                    if interrupt.requested:
-                        raise KeyboardInterrupt(f"training interrupted after step {global_step}")
-                    return history["train_losses"], history["val_losses"], history["tokens_seen"]
+                    _evaluate_and_record(model, train_loader, val_loader, device, eval_iter, state, global_step)
+                if state["batch"] < steps_per_epoch and (interrupt.requested or state["step"] == stop_at_step):
+                    stopped_mid_epoch = True
+                    break
 
-            if start_context is not None and tokenizer is not None:
-                generate_and_print_sample(model, tokenizer, device, start_context)
-            state["epoch"], state["batch"], state["epoch_generators"] = state["epoch"] + 1, 0, None
+            if not stopped_mid_epoch:
+                if start_context is not None and tokenizer is not None:
+                    generate_and_print_sample(model, tokenizer, device, start_context)
+                state["epoch"], state["batch"], state["epoch_generators"] = state["epoch"] + 1, 0, None
             save()
             if interrupt.requested:
-                raise KeyboardInterrupt(f"training interrupted after epoch {state['epoch']}")
+                raise KeyboardInterrupt(f"training interrupted after step {state['step'] - 1}")
             if state["step"] == stop_at_step:
                 break
     return history["train_losses"], history["val_losses"], history["tokens_seen"]
+
+
+def _evaluate_and_record(model, train_loader, val_loader, device, eval_iter, state, global_step):
+    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+    history = state["history"]
+    history["train_losses"].append(train_loss)
+    history["val_losses"].append(val_loss)
+    history["tokens_seen"].append(state["tokens_seen"])
+    tqdm.write(f"Ep {state['epoch'] + 1} (Step {global_step:06d}): "
+               f"Train loss {train_loss:.3f} (ppl {perplexity(train_loss):.1f}), "
+               f"Val loss {val_loss:.3f} (ppl {perplexity(val_loss):.1f})")
 
 
 def _epoch_batches(train_loader, state):
