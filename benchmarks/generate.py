@@ -1,0 +1,97 @@
+"""Text generation speed: GPT-2 124M, batch 1, an 8-token prompt, 100 new tokens (greedy).
+
+Three ways, in one process, on the same random weights: tl.generate with the KV cache,
+tl.generate without it (every step runs the whole sequence again), and Hugging Face
+transformers' GPT2LMHeadModel.generate(use_cache=True, do_sample=False). The transformers
+model is built from GPT2Config() (no download) and its weights are loaded into ours, so
+both compute the same function. Each way runs once to warm up, then `--repeats` times;
+the best time is kept (the machine's other load only ever slows a run down).
+
+Targets: the cache at least 3x faster than no cache, and at least as fast as transformers.
+
+    python benchmarks/generate.py              # the full benchmark (about two minutes on 2 cores)
+    python benchmarks/generate.py --threads 1  # NumPy's BLAS and torch on one thread each
+    python benchmarks/generate.py --quick      # 20 new tokens, one repeat: a smoke run
+
+One token's step is ~50 small matrix-vector products. With a multi-threaded BLAS each one
+wakes the other threads; on a machine busy with other work a thread can wait for a core,
+so the thread count matters here more than in training: --threads compares on equal terms.
+"""
+import argparse
+import os
+import tempfile
+import time
+
+
+def best_time(run, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - start)
+    return min(times), out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=100)
+    parser.add_argument("--prompt-tokens", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="20 new tokens, one repeat")
+    parser.add_argument("--threads", type=int, help="BLAS threads for NumPy and torch (default: theirs)")
+    args = parser.parse_args()
+    if args.quick:
+        args.new_tokens, args.repeats = 20, 1
+    if args.threads:
+        # OpenBLAS reads this when NumPy loads it, so it is set before the first import of NumPy.
+        os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(args.threads)
+
+    import numpy as np
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import tinygrad_llm as tl
+    from tinygrad_llm.weights import load_hf_gpt2
+
+    torch.manual_seed(0)
+    hf_model = GPT2LMHeadModel(GPT2Config()).eval()
+    hf_model.generation_config.eos_token_id = None  # random weights: never stop early
+    hf_model.generation_config.pad_token_id = 0
+    with tempfile.TemporaryDirectory() as folder:
+        hf_model.save_pretrained(folder)
+        model = load_hf_gpt2(folder)
+    context_size = model.cfg["context_length"]
+    prompt = np.random.default_rng(0).integers(0, model.cfg["vocab_size"], (1, args.prompt_tokens))
+    n = args.new_tokens
+
+    def ours(use_cache):
+        return lambda: tl.generate(model, prompt, n, context_size, use_cache=use_cache)[0, -n:]
+
+    def transformers():
+        with torch.no_grad():
+            out = hf_model.generate(torch.tensor(prompt), max_new_tokens=n, do_sample=False, use_cache=True)
+        return out[0, -n:].numpy()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runs = {"tinygrad_llm, KV cache": ours(True), "tinygrad_llm, no cache": ours(False),
+            "transformers, use_cache=True": transformers}
+    results = {}
+    for name, run in runs.items():
+        run()  # warm-up: allocations, BLAS threads, torch's first-call overheads
+        results[name] = best_time(run, args.repeats)
+
+    cached_time = results["tinygrad_llm, KV cache"][0]
+    print(f"GPT-2 124M (random weights), batch 1, {args.prompt_tokens}-token prompt, {n} new tokens, greedy; "
+          f"best of {args.repeats}; torch threads {torch.get_num_threads()}, "
+          f"OpenBLAS threads {os.environ.get('OPENBLAS_NUM_THREADS', 'default')}")
+    print(f"| {'generation':<30} | {'seconds':>8} | {'tokens/s':>9} | {'time vs. KV cache':>17} |")
+    print(f"| {'-' * 30} | {'-' * 8}:| {'-' * 9}:| {'-' * 17}:|")
+    for name, (seconds, _) in results.items():
+        print(f"| {name:<30} | {seconds:8.2f} | {n / seconds:9.1f} | {seconds / cached_time:16.2f}x |")
+    same = all(np.array_equal(out, results["tinygrad_llm, KV cache"][1]) for _, out in results.values())
+    print(f"same tokens in all three: {same}")
+
+
+if __name__ == "__main__":
+    main()
