@@ -65,9 +65,9 @@ def main():
     n = args.new_tokens
 
     def ours(use_cache):
-        return lambda: tl.generate(model, prompt, n, context_size, use_cache=use_cache)[0, -n:]
+        return lambda n=n: tl.generate(model, prompt, n, context_size, use_cache=use_cache)[0, -n:]
 
-    def transformers():
+    def transformers(n=n):
         with torch.no_grad():
             out = hf_model.generate(torch.tensor(prompt), max_new_tokens=n, do_sample=False, use_cache=True)
         return out[0, -n:].numpy()
@@ -78,7 +78,7 @@ def main():
             "transformers, use_cache=True": transformers}
     results = {}
     for name, run in runs.items():
-        run()  # warm-up: allocations, BLAS threads, torch's first-call overheads
+        run(5)  # warm-up: allocations, BLAS threads, torch's first-call overheads
         results[name] = best_time(run, args.repeats)
 
     cached_time = results["tinygrad_llm, KV cache"][0]
