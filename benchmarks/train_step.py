@@ -6,9 +6,11 @@ reference model on its fastest eager path (scaled_dot_product_attention, native
 LayerNorm and GELU, the fused CPU AdamW). The two alternate step by step in one process,
 so a change in the machine's load hits both alike; the median step time is reported.
 
-Peak memory is measured in a fresh child process per library (the peak resident set of
-its address space, VmHWM, imports included), so one library's freed memory is not
-counted against the other.
+Each library also runs alone in a fresh child process: its peak memory there (the peak
+resident set of its address space, VmHWM, imports included) is not mixed with the
+other's, and its step time there is with its own allocator defaults (tinygrad_llm makes
+glibc reuse freed memory, process-wide, see tinygrad_llm.cpu.reuse_freed_memory; in the shared
+process the torch steps profit from that too).
 
 Model FLOPs per token follow the PaLM paper's count: 6 x (matmul parameters) for the
 forward and backward matmuls, plus 12 x layers x context x emb_dim for attention's
@@ -17,6 +19,7 @@ own matmul shapes, with NumPy and with torch, taking the faster.
 
     python benchmarks/train_step.py            # 124M (context 256, batch 2) and the tiny config
     python benchmarks/train_step.py --quick    # the tiny config, few steps: a smoke run
+    python benchmarks/train_step.py --threads 1 --config 124M   # one core each (a busy machine)
 """
 import argparse
 import json
@@ -116,13 +119,6 @@ def matmul_peak(cfg, batch_size, repeats=3):
     return max(best.values()), best
 
 
-def peak_rss_in_child(library, config, steps):
-    """Run `steps` steps of one library alone in a fresh interpreter; its peak RSS in MB."""
-    command = [sys.executable, __file__, "--child", library, "--config", config, "--steps", str(steps)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True, env=os.environ)
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"]
-
-
 def peak_rss_mb():
     # VmHWM belongs to this address space; ru_maxrss would carry over the parent's peak
     # through fork and exec.
@@ -133,48 +129,71 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def in_own_process(library, config, steps):
+    """Median step seconds and peak RSS (MB) of one library alone in a fresh interpreter."""
+    command = [sys.executable, __file__, "--child", library, "--config", config, "--steps", str(steps)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=os.environ)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def child(library, config, steps):
     cfg, batch_size = CONFIGS[config]
     step = ours(cfg)[0] if library == "ours" else pytorch(cfg)
-    for i in range(steps):
-        step(*batch(cfg, batch_size, seed=i))
-    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+    times = []
+    for i in range(steps + 1):  # the first step warms up the allocator and caches
+        idx, targets = batch(cfg, batch_size, seed=i)
+        start = time.perf_counter()
+        step(idx, targets)
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"seconds": statistics.median(times[1:]), "peak_rss_mb": peak_rss_mb()}))
 
 
 def compare(config, steps):
     import torch
 
+    import tinygrad_llm.cpu as tl_cpu
+
     cfg, batch_size = CONFIGS[config]
+    peak, peaks = matmul_peak(cfg, batch_size)
     ours_step, model = ours(cfg)
     torch_step = pytorch(cfg, model.state_dict())
     times = {"ours": [], "torch": []}
-    for i in range(steps + 1):  # the first step of each warms up allocators and caches
+    for i in range(steps + 1):  # the first step of each warms up the allocator and caches
         idx, targets = batch(cfg, batch_size, seed=i)
         for name, step in (("ours", ours_step), ("torch", torch_step)):
             start = time.perf_counter()
             step(idx, targets)
             if i:
                 times[name].append(time.perf_counter() - start)
-    tokens = batch_size * cfg["context_length"]
-    seconds = {name: statistics.median(t) for name, t in times.items()}
-    tokens_per_s = {name: tokens / s for name, s in seconds.items()}
-    peak, peaks = matmul_peak(cfg, batch_size)
-    flops = model_flops_per_token(cfg) * tokens
-    rss = {name: peak_rss_in_child(name, config, 2) for name in ("ours", "torch")}
+    del ours_step, torch_step, model
+    # The peak again, after the steps: the best of the two, so a busy moment does not lower it.
+    later, later_peaks = matmul_peak(cfg, batch_size)
+    peak, peaks = max(peak, later), {name: max(peaks[name], later_peaks[name]) for name in peaks}
+    own = {name: in_own_process(name, config, steps) for name in ("ours", "torch")}
 
+    tokens = batch_size * cfg["context_length"]
+    flops = model_flops_per_token(cfg) * tokens
+    rows = {"ours, alternating": (statistics.median(times["ours"]), None),
+            "torch, alternating": (statistics.median(times["torch"]), None),
+            "ours, own process": (own["ours"]["seconds"], own["ours"]["peak_rss_mb"]),
+            "torch, own process": (own["torch"]["seconds"], own["torch"]["peak_rss_mb"])}
     print(f"\n== {config}: batch {batch_size} x context {cfg['context_length']}, emb {cfg['emb_dim']}, "
           f"{cfg['n_layers']} layers, {cfg['n_heads']} heads, vocab {cfg['vocab_size']}, dropout {cfg['drop_rate']} ==")
-    print(f"threads: OpenBLAS {os.environ.get('OPENBLAS_NUM_THREADS', 'default')}, torch {torch.get_num_threads()}; "
-          f"{steps} timed steps each, alternating")
+    print(f"threads: tinygrad_llm {tl_cpu.get_num_threads()}, torch {torch.get_num_threads()}; "
+          f"median of {steps} steps after a warm-up step")
     print(f"model FLOPs per step: {flops / 1e9:.1f} GFLOP; float32 matmul peak at these shapes: {peak:.0f} GFLOP/s "
           f"(numpy {peaks['numpy']:.0f}, torch {peaks['torch']:.0f})")
-    print(f"{'':8}{'step s':>9}{'tokens/s':>11}{'GFLOP/s':>10}{'% of peak':>11}{'peak RSS MB':>13}")
-    for name in ("ours", "torch"):
-        achieved = flops / seconds[name] / 1e9
-        print(f"{name:8}{seconds[name]:9.3f}{tokens_per_s[name]:11.0f}{achieved:10.1f}{100 * achieved / peak:10.0f}%"
-              f"{rss[name]:13.0f}")
-    print(f"ratio ours/torch tokens/s: {tokens_per_s['ours'] / tokens_per_s['torch']:.2f}   "
-          f"peak memory ours/torch: {rss['ours'] / rss['torch']:.2f}")
+    print(f"{'':20}{'step s':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'% of peak':>11}{'peak RSS MB':>13}")
+    for name, (seconds, rss) in rows.items():
+        achieved = flops / seconds / 1e9
+        print(f"{name:20}{seconds:9.3f}{tokens / seconds:10.0f}{achieved:9.1f}{100 * achieved / peak:10.0f}%"
+              f"{'' if rss is None else f'{rss:.0f}':>13}")
+    ratio = {kind: rows[f"torch, {kind}"][0] / rows[f"ours, {kind}"][0] for kind in ("alternating", "own process")}
+    print(f"ratio ours/torch tokens/s: {ratio['alternating']:.2f} alternating in one process, "
+          f"{ratio['own process']:.2f} in own processes; peak memory ours/torch: "
+          f"{own['ours']['peak_rss_mb'] / own['torch']['peak_rss_mb']:.2f}")
+    print("(alternating: tinygrad_llm's allocator setting (tinygrad_llm.cpu.reuse_freed_memory) is process-wide, so the "
+          "torch steps reuse freed memory too; own process: each library with its own allocator defaults)")
 
 
 def main():

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from . import backend
+from . import backend, cpu
 from .backend import xp_of
 from .tensor import Tensor, fused
 
@@ -31,7 +31,7 @@ def linear_forward(x, weight, bias=None):
         raise ValueError(f"linear: input of shape {x.shape} does not fit weight of shape {weight.shape} "
                          f"(expected last dimension {weight.shape[1]})")
     x2 = x.reshape(-1, x.shape[-1])
-    out = x2 @ weight.T
+    out = cpu.matmul(x2, weight.T)
     if bias is not None:
         out += bias
     return out.reshape(*x.shape[:-1], weight.shape[0]), (x2, x.shape, weight, bias is not None)
@@ -41,8 +41,8 @@ def linear_backward(dout, cache):
     # out = x W^T + b  =>  dx = dout W,  dW = dout^T x,  db = sum of dout over positions
     x2, x_shape, weight, has_bias = cache
     d2 = dout.reshape(-1, dout.shape[-1])
-    dx = (d2 @ weight).reshape(x_shape)
-    dweight = d2.T @ x2
+    dx = cpu.matmul(d2, weight).reshape(x_shape)
+    dweight = cpu.matmul(d2.T, x2)
     dbias = d2.sum(axis=0) if has_bias else None
     return dx, dweight, dbias
 
@@ -201,6 +201,29 @@ def log_softmax_backward(dout, cache):
 # ---- cross-entropy --------------------------------------------------------------------------
 
 
+def _row_blocks(n_rows, row_size, xp):
+    """(lo, hi) ranges of rows of about a million elements (all rows at once on a GPU)."""
+    step = max(1, (1 << 20) // max(row_size, 1)) if xp is np else max(n_rows, 1)
+    return [(lo, min(lo + step, n_rows)) for lo in range(0, n_rows, step)]
+
+
+def _logsumexp_rows(z, out):
+    # out[i] = log(sum(exp(z[i]))) = max + log(sum(exp(z[i] - max))): exp() cannot overflow
+    row_max = z.max(axis=1, keepdims=True)
+    e = z - row_max
+    xp_of(z).exp(e, out=e)
+    out[...] = xp_of(z).log(e.sum(axis=1)) + row_max[:, 0]
+
+
+def _cross_entropy_grad_rows(z, lse, targets, weight, out):
+    # out[i] = (softmax(z[i]) - onehot(targets[i])) * weight[i], with softmax(z) = exp(z - lse)
+    xp = xp_of(z)
+    xp.subtract(z, lse[:, None], out=out)
+    xp.exp(out, out=out)
+    out[xp.arange(len(out)), targets] -= 1.0
+    out *= weight[:, None]
+
+
 def cross_entropy_forward(logits, targets, ignore_index=-100):
     # logits: (N..., V)  targets: (N...) integers  ->  scalar mean over the targets kept
     xp = xp_of(logits)
@@ -214,34 +237,30 @@ def cross_entropy_forward(logits, targets, ignore_index=-100):
     kept = t != ignore_index
     safe_t = xp.where(kept, t, 0)
     check_token_ids(safe_t, vocab, what="target")
-    rows = xp.arange(z.shape[0])
-    # log softmax(z)[t] = z[t] - max - log(sum(exp(z - max)))
-    row_max = z.max(axis=1, keepdims=True)
-    probs = z - row_max
-    xp.exp(probs, out=probs)
-    row_sum = probs.sum(axis=1, keepdims=True)
-    nll = (xp.log(row_sum) + row_max)[:, 0] - z[rows, safe_t]
+    # -log softmax(z)[t] = logsumexp(z) - z[t]. The logits are the largest array of a
+    # training step (N x 50257): blocks of rows on every core keep exp() in the cache,
+    # and nothing of their size is stored for the backward pass.
+    lse = xp.empty(z.shape[0], z.dtype)
+    blocks = _row_blocks(*z.shape, xp)
+    cpu.parallel_map(_logsumexp_rows, [(z[lo:hi], lse[lo:hi]) for lo, hi in blocks])
+    nll = lse - z[xp.arange(z.shape[0]), safe_t]
     n_kept = int(kept.sum())
     loss = xp.where(kept, nll, 0).sum() / n_kept if n_kept else xp.asarray(np.nan, logits.dtype)
-    probs /= row_sum
-    cache = {"probs": probs, "logits": logits, "targets": safe_t, "kept": kept, "n_kept": n_kept}
-    return xp.asarray(loss, dtype=logits.dtype), cache
+    return xp.asarray(loss, dtype=logits.dtype), (logits, lse, safe_t, kept, n_kept)
 
 
 def cross_entropy_backward(dout, cache):
     # loss = mean over kept rows of -log softmax(z)[t]  =>  dz = (softmax(z) - onehot(t)) / n_kept
-    # on kept rows, 0 on ignored ones. The softmax is kept from the forward pass and turned into
-    # the gradient in place (it is the largest array of a training step); a second backward
-    # (retain_graph=True) recomputes it.
-    probs = cache.pop("probs", None)
-    if probs is None:
-        probs = softmax_forward(cache["logits"].reshape(-1, cache["logits"].shape[-1]))[0]
-    xp = xp_of(probs)
-    rows = xp.arange(probs.shape[0])
-    probs[rows, cache["targets"]] -= 1.0
-    weight = cache["kept"] * (dout / max(cache["n_kept"], 1))
-    probs *= weight.astype(probs.dtype)[:, None]
-    return probs.reshape(cache["logits"].shape), None
+    # on kept rows, 0 on ignored ones; the softmax is recomputed from the logits and lse.
+    logits, lse, targets, kept, n_kept = cache
+    xp = xp_of(logits)
+    z = logits.reshape(-1, logits.shape[-1])
+    weight = (kept * (dout / max(n_kept, 1))).astype(z.dtype)
+    dz = xp.empty_like(z)
+    blocks = _row_blocks(*z.shape, xp)
+    cpu.parallel_map(_cross_entropy_grad_rows,
+                     [(z[lo:hi], lse[lo:hi], targets[lo:hi], weight[lo:hi], dz[lo:hi]) for lo, hi in blocks])
+    return dz.reshape(logits.shape), None
 
 
 # ---- attention ------------------------------------------------------------------------------
@@ -276,7 +295,7 @@ def scaled_dot_product_attention_forward(q, k, v, causal=True, dropout_p=0.0):
     # Scaling q (B, H, T, D) costs a quarter of scaling the scores (B, H, T, S) and gives
     # the matmul a contiguous operand.
     q = q * q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
-    att = q @ k.swapaxes(-1, -2)  # (B, H, T, S)
+    att = cpu.matmul(q, k.swapaxes(-1, -2))  # (B, H, T, S)
     if causal:
         # -inf scores become exact zeros after exp(); every row keeps its own position.
         att += xp.asarray(np.where(causal_mask(q.shape[-2], k.shape[-2]), -np.inf, 0.0).astype(att.dtype))
@@ -284,10 +303,10 @@ def scaled_dot_product_attention_forward(q, k, v, causal=True, dropout_p=0.0):
     xp.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
     if dropout_p == 0.0:
-        return att @ v, (q, k, v, att, None)
+        return cpu.matmul(att, v), (q, k, v, att, None)
     # Inverted dropout on the weights; the 1/(1-p) goes on the (B, H, T, D) output, not on (B, H, T, S).
     keep = dropout_mask(att.shape, dropout_p, backend.device_of(att))
-    out = (att * keep) @ v
+    out = cpu.matmul(att * keep, v)
     out *= out.dtype.type(1.0 / (1.0 - dropout_p))
     return out, (q, k, v, att, (keep, dropout_p))
 
@@ -306,15 +325,15 @@ def scaled_dot_product_attention_backward(dout, cache):
         keep, p = dropout
         dropped = att * keep
         dout = dout * dout.dtype.type(1.0 / (1.0 - p))
-    dv = dropped.swapaxes(-1, -2) @ dout
-    datt = dout @ v.swapaxes(-1, -2)
+    dv = cpu.matmul(dropped.swapaxes(-1, -2), dout)
+    datt = cpu.matmul(dout, v.swapaxes(-1, -2))
     if dropout is not None:
         datt *= keep
     datt -= xp.einsum("...ij,...ij->...i", datt, att)[..., None]
     datt *= att
-    dq = datt @ k
+    dq = cpu.matmul(datt, k)
     dq *= dq.dtype.type(1.0 / math.sqrt(q.shape[-1]))
-    dk = datt.swapaxes(-1, -2) @ q
+    dk = cpu.matmul(datt.swapaxes(-1, -2), q)
     return dq, dk, dv
 
 

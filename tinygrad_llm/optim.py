@@ -2,15 +2,18 @@
 
 The updates run in place over cache-sized chunks of each parameter: NumPy's elementwise
 ops make one pass over memory each, so updating a 163M-parameter model op by op would
-stream gigabytes; chunk by chunk, the second and later passes hit the cache.
+stream gigabytes; chunk by chunk, the second and later passes hit the cache. AdamW hands
+pieces of the parameters to every core (`cpu.parallel_map`).
 """
 import math
 
 import numpy as np
 
+from . import cpu
 from .backend import xp_of
 
 CHUNK = 1 << 15  # elements per chunk: a few float32 chunks fit in a core's L2 cache
+PIECE = 1 << 20  # elements per task handed to a thread: enough tasks to balance the cores
 
 
 def _param_groups(params, defaults):
@@ -93,6 +96,7 @@ class AdamW(Optimizer):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
 
     def step(self):
+        tasks = []
         for group in self.param_groups:
             lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
@@ -107,25 +111,37 @@ class AdamW(Optimizer):
                 state["step"] += 1
                 step_size = lr / (1 - beta1 ** state["step"])
                 bias_correction2_sqrt = math.sqrt(1 - beta2 ** state["step"])
-                param, grad = p.data.reshape(-1), p.grad.reshape(-1)
-                exp_avg, exp_avg_sq = state["exp_avg"].reshape(-1), state["exp_avg_sq"].reshape(-1)
-                scratch = xp.empty(min(CHUNK, param.size) if xp is np else param.size, p.dtype)
-                for lo, hi in _chunks(param.size, xp):
-                    p_, g_, m_, v_, t_ = param[lo:hi], grad[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi], scratch[:hi - lo]
-                    p_ *= 1 - lr * decay
-                    xp.subtract(g_, m_, out=t_)
-                    t_ *= 1 - beta1
-                    m_ += t_
-                    v_ *= beta2
-                    xp.multiply(g_, g_, out=t_)
-                    t_ *= 1 - beta2
-                    v_ += t_
-                    xp.sqrt(v_, out=t_)
-                    t_ /= bias_correction2_sqrt
-                    t_ += eps
-                    xp.divide(m_, t_, out=t_)
-                    t_ *= step_size
-                    p_ -= t_
+                arrays = [a.reshape(-1) for a in (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                step = PIECE if xp is np else max(p.size, 1)
+                constants = (lr * decay, beta1, beta2, eps, step_size, bias_correction2_sqrt)
+                tasks += [(*(a[lo:lo + step] for a in arrays), *constants) for lo in range(0, p.size, step)]
+        if tasks and xp_of(tasks[0][0]) is np:
+            cpu.parallel_map(_adamw_update, tasks)
+        else:
+            for task in tasks:
+                _adamw_update(*task)
+
+
+def _adamw_update(param, grad, exp_avg, exp_avg_sq, decay, beta1, beta2, eps, step_size, bias_correction2_sqrt):
+    # The update of the class docstring on flat arrays, in place, chunk by chunk.
+    xp = xp_of(param)
+    scratch = xp.empty(min(CHUNK, param.size) if xp is np else param.size, param.dtype)
+    for lo, hi in _chunks(param.size, xp):
+        p_, g_, m_, v_, t_ = param[lo:hi], grad[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi], scratch[:hi - lo]
+        p_ *= 1 - decay
+        xp.subtract(g_, m_, out=t_)
+        t_ *= 1 - beta1
+        m_ += t_
+        v_ *= beta2
+        xp.multiply(g_, g_, out=t_)
+        t_ *= 1 - beta2
+        v_ += t_
+        xp.sqrt(v_, out=t_)
+        t_ /= bias_correction2_sqrt
+        t_ += eps
+        xp.divide(m_, t_, out=t_)
+        t_ *= step_size
+        p_ -= t_
 
 
 def clip_grad_norm_(params, max_norm):

@@ -129,7 +129,11 @@ class Tensor:
 
         grads = {id(self): grad}
         delivered = {id(grad)}  # the caller's `grad` array stays theirs: a leaf gets a copy
-        for node in reversed(_topological_order(self)):
+        order = _topological_order(self)
+        while order:
+            # Popping drops the walk's reference, so each intermediate array is freed as soon
+            # as its consumers' backward has run (when nothing else holds it).
+            node = order.pop()
             g = grads.pop(id(node), None)
             if g is None:
                 continue

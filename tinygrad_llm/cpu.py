@@ -1,0 +1,185 @@
+"""How a training step uses the CPU: memory that is reused, and work split over the cores.
+
+NumPy runs elementwise code on one core and leaves matmuls to BLAS's own threads. Three
+things make a step fast on a few cores instead:
+
+- `reuse_freed_memory`: glibc keeps freed memory for the next allocation (done at import).
+- `parallel_map`: independent pieces of memory-bound array code (an optimizer update,
+  the rows of a softmax) run on a thread per core; NumPy releases the GIL in its loops.
+- `matmul`: a matmul is split into one piece per thread, each a single-threaded BLAS
+  call. OpenBLAS's own threads meet at a barrier inside every call, so when another
+  process holds a core every call waits for it, and the many small matmuls of attention
+  can take a hundred times longer. Independent pieces only meet at the end.
+
+The thread count is the first of TINYGRAD_LLM_NUM_THREADS, OPENBLAS_NUM_THREADS and
+OMP_NUM_THREADS that is set, else the cores this process may use; `set_num_threads`
+changes it. With one thread everything runs as plain NumPy.
+"""
+import contextlib
+import ctypes
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .backend import xp_of
+
+SPLIT_FLOPS = 1 << 24  # smaller matmuls (~0.1 ms) are not worth a trip through the threads
+
+
+def reuse_freed_memory():
+    """Make glibc keep freed memory for the next allocation instead of giving it back.
+
+    A training step allocates and frees the same large arrays every step (activations,
+    gradients, the logits). By default glibc maps each large array fresh from the kernel
+    and unmaps it when freed, so every step page-faults and zeroes gigabytes: over a
+    second of system time in a GPT-2 124M step. Served from the heap, never trimmed, the
+    next step reuses the memory the last one freed. The process keeps its peak memory
+    until it exits. Done at import; TINYGRAD_LLM_MALLOC=system keeps glibc's defaults.
+    Returns whether the allocator was tuned (False off glibc).
+    """
+    if os.environ.get("TINYGRAD_LLM_MALLOC", "reuse") == "system" or not sys.platform.startswith("linux"):
+        return False
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
+    # M_MMAP_MAX 0: no allocation gets a mapping of its own; M_TRIM_THRESHOLD -1: never trim the heap.
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
+
+
+reuse_freed_memory()
+
+# ---- threads --------------------------------------------------------------------------------
+
+
+def _default_num_threads():
+    for name in ("TINYGRAD_LLM_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 0:
+            return int(os.environ[name])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_num_threads = _default_num_threads()
+_pool = None
+_POOL_PREFIX = "tinygrad_llm"
+
+
+def get_num_threads():
+    return _num_threads
+
+
+def set_num_threads(n):
+    """Threads for `parallel_map` and `matmul` (1: plain NumPy, BLAS with its own threads)."""
+    global _num_threads, _pool
+    if int(n) < 1:
+        raise ValueError(f"number of threads must be at least 1, got {n}")
+    if _pool is not None:
+        _pool.shutdown()
+    _num_threads, _pool = int(n), None
+
+
+def _forget_pool():
+    global _pool
+    _pool = None  # a forked child has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def parallel_map(fn, tasks):
+    """[fn(*task) for task in tasks], the tasks spread over `get_num_threads()` threads.
+
+    The tasks must not write to the same memory. From inside a task it runs serially.
+    """
+    global _pool
+    tasks = list(tasks)
+    if _num_threads == 1 or len(tasks) < 2 or _in_pool():
+        return [fn(*task) for task in tasks]
+    if _pool is None:
+        _pool = ThreadPoolExecutor(_num_threads, thread_name_prefix=_POOL_PREFIX)
+    return list(_pool.map(lambda task: fn(*task), tasks))
+
+
+# ---- matmuls --------------------------------------------------------------------------------
+
+
+def _find_openblas():
+    """(set_num_threads, get_num_threads) of the OpenBLAS NumPy loaded, or None (MKL, not Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower()})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):  # the ILP64 builds NumPy ships rename their symbols
+                setter = getattr(library, f"{prefix}_set_num_threads{suffix}", None)
+                getter = getattr(library, f"{prefix}_get_num_threads{suffix}", None)
+                if setter is not None and getter is not None:
+                    return setter, getter
+    return None
+
+
+_openblas = _find_openblas()
+_openblas_lock = threading.Lock()  # one split matmul at a time owns OpenBLAS's thread setting
+
+
+@contextlib.contextmanager
+def _single_threaded_blas():
+    set_threads, get_threads = _openblas
+    with _openblas_lock:
+        previous = get_threads()
+        set_threads(1)
+        try:
+            yield
+        finally:
+            set_threads(previous)
+
+
+def _in_pool():
+    return threading.current_thread().name.startswith(_POOL_PREFIX)
+
+
+def _matmul_into(a, b, out):
+    np.matmul(a, b, out=out)
+
+
+def _pieces(n, count):
+    bounds = np.linspace(0, n, min(count, n) + 1).astype(int)
+    return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def matmul(a, b):
+    """a @ b for 2-D or stacked arrays, one piece of the output per thread.
+
+    The output is cut along a batch axis (attention's heads) when one has a piece for
+    every thread, else along its longer side: rows of a, or columns of b.
+    """
+    if _num_threads == 1 or _openblas is None or xp_of(a) is not np or a.ndim < 2 or b.ndim < 2 or _in_pool():
+        return a @ b
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    if 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * int(np.prod(batch)) < SPLIT_FLOPS:
+        return a @ b
+    out = np.empty((*batch, a.shape[-2], b.shape[-1]), np.result_type(a, b))
+    same_batch = a.shape[:-2] == b.shape[:-2] == batch
+    axis = next((i for i, n in enumerate(batch) if n >= _num_threads and same_batch), None)
+    tasks = []
+    if axis is not None:
+        for piece in _pieces(batch[axis], _num_threads):
+            index = (slice(None),) * axis + (piece,)
+            tasks.append((a[index], b[index], out[index]))
+    elif a.shape[-2] >= b.shape[-1]:
+        tasks = [(a[..., rows, :], b, out[..., rows, :]) for rows in _pieces(a.shape[-2], _num_threads)]
+    else:
+        tasks = [(a, b[..., cols], out[..., cols]) for cols in _pieces(b.shape[-1], _num_threads)]
+    with _single_threaded_blas():
+        parallel_map(_matmul_into, tasks)
+    return out
