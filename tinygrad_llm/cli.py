@@ -132,7 +132,9 @@ def pretrain_settings(args, checkpoint):
         return settings
     if not os.path.isfile(checkpoint):
         raise SystemExit(f"--resume: there is no checkpoint {checkpoint} to continue")
-    settings = read_checkpoint(checkpoint)["metadata"]["run"]
+    settings = read_checkpoint(checkpoint)["metadata"].get("run")
+    if settings is None:
+        raise SystemExit(f"--resume: {checkpoint} was not written by pretrain, so there is no run to continue")
     if "config" in given:
         given["config"] = {**model_config(given["config"]), "context_length": settings["context_length"]}
     conflicts = [f"--{key.replace('_', '-')} ({value!r}, saved {settings[key]!r})"
