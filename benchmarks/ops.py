@@ -1,0 +1,131 @@
+"""Forward + backward time of each fused op at GPT-2 124M shapes, tinygrad_llm against torch eager.
+
+Shapes are one training step's: batch 2, context 256, 768 channels, 12 heads of size 64,
+vocabulary 50257, all float32. Each op's inputs are made once; a timed run is the
+forward, the backward from a fixed upstream gradient, and nothing else (gradients are
+reset between runs, so accumulation is not timed). The two libraries alternate run by run
+in one process, so a change in the machine's load hits both alike, and the median of
+the runs is reported. torch keeps its default thread count. A ratio below 1 means
+tinygrad_llm is faster; the target is at most 1.5 for every op.
+
+    python benchmarks/ops.py              # 7 runs per op
+    python benchmarks/ops.py --runs 3     # quicker
+"""
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import tinygrad_llm.functional as F
+from tinygrad_llm import Tensor
+
+B, T, C, HEADS, VOCAB = 2, 256, 768, 12, 50257
+TARGET_RATIO = 1.5
+
+
+def leaves(rng, *shapes):
+    """Float32 inputs as tinygrad_llm leaves and torch leaves holding the same values."""
+    arrays = [rng.standard_normal(shape, dtype=np.float32) for shape in shapes]
+    return ([Tensor(a, requires_grad=True) for a in arrays],
+            [torch.tensor(a, requires_grad=True) for a in arrays])
+
+
+def fused_ops(rng):
+    """(name, shape, ours, torch, inputs of ours, inputs of torch) for each op, made one at a
+    time so that only one op's inputs and gradients are in memory."""
+    ids = rng.integers(0, VOCAB, (B, T))
+    targets = rng.integers(0, VOCAB, B * T)
+    yield ("linear 768->3072", "(2,256,768)", F.linear, torch.nn.functional.linear,
+           *leaves(rng, (B, T, C), (4 * C, C), (4 * C,)))
+    yield ("linear 768->50257", "(2,256,768), no bias", F.linear, torch.nn.functional.linear,
+           *leaves(rng, (B, T, C), (VOCAB, C)))
+    yield ("embedding", "(2,256) ids, 50257x768", lambda w: F.embedding(ids, w),
+           lambda w: torch.nn.functional.embedding(torch.from_numpy(ids), w), *leaves(rng, (VOCAB, C)))
+    yield ("layer_norm", "(2,256,768)", F.layer_norm,
+           lambda x, scale, shift: torch.nn.functional.layer_norm(x, (C,), scale, shift),
+           *leaves(rng, (B, T, C), (C,), (C,)))
+    yield ("gelu", "(2,256,3072)", F.gelu, lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+           *leaves(rng, (B, T, 4 * C)))
+    yield ("softmax", "(2,12,256,256)", F.softmax, lambda x: torch.softmax(x, dim=-1),
+           *leaves(rng, (B, HEADS, T, T)))
+    yield ("log_softmax", "(512,50257)", F.log_softmax, lambda x: torch.log_softmax(x, dim=-1),
+           *leaves(rng, (B * T, VOCAB)))
+    yield ("cross_entropy", "(512,50257)", lambda x: F.cross_entropy(x, targets),
+           lambda x: torch.nn.functional.cross_entropy(x, torch.from_numpy(targets)), *leaves(rng, (B * T, VOCAB)))
+    yield ("attention, causal", "(2,12,256,64)", F.scaled_dot_product_attention,
+           lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+           *leaves(rng, *[(B, HEADS, T, C // HEADS)] * 3))
+    yield ("dropout p=0.1", "(2,256,768)", lambda x: F.dropout(x, 0.1), lambda x: torch.nn.functional.dropout(x, 0.1),
+           *leaves(rng, (B, T, C)))
+
+
+def timed_step(op, inputs, upstream):
+    """Seconds for one forward and backward of `op` (gradients reset beforehand)."""
+    for x in inputs:
+        x.grad = None
+    start = time.perf_counter()
+    out = op(*inputs)
+    out.backward(upstream)
+    return time.perf_counter() - start
+
+
+def compare(rng, runs):
+    rows = []
+    for name, shape, ours, theirs, ours_inputs, torch_inputs in fused_ops(rng):
+        out_shape = ours(*ours_inputs).shape
+        upstream = rng.standard_normal(out_shape, dtype=np.float32)
+        torch_upstream = torch.from_numpy(upstream)
+        ours_times, torch_times = [], []
+        for run in range(runs + 1):  # the first run of each warms caches and allocators, untimed
+            ours_time = timed_step(ours, ours_inputs, upstream)
+            torch_time = timed_step(theirs, torch_inputs, torch_upstream)
+            if run:
+                ours_times.append(ours_time)
+                torch_times.append(torch_time)
+        rows.append((name, shape, ours_times, torch_times))
+    return rows
+
+
+def matmul_gflops(runs, n=(512, 768, 3072)):
+    """float32 matmul throughput at the MLP's shape (B*T, C) @ (C, 4C), NumPy and torch."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(n[:2], dtype=np.float32), rng.standard_normal(n[1:], dtype=np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    flops = 2 * n[0] * n[1] * n[2]
+    results = {}
+    for name, matmul in (("NumPy", lambda: a @ b), ("torch", lambda: ta @ tb)):
+        matmul()
+        times = []
+        for _ in range(runs * 3):
+            start = time.perf_counter()
+            matmul()
+            times.append(time.perf_counter() - start)
+        results[name] = flops / statistics.median(times) / 1e9
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=7, help="timed runs per op and library (median reported)")
+    args = parser.parse_args()
+
+    rows = compare(np.random.default_rng(0), args.runs)
+    print(f"fused ops, forward + backward, float32, median of {args.runs} runs "
+          f"(torch {torch.__version__}, {torch.get_num_threads()} threads; NumPy {np.__version__})")
+    # The ratio of the fastest runs is printed too: on a machine that other work shares, the
+    # median can catch a busy spell that the best run of each library escaped.
+    print(f"{'op':20s} {'shape':24s} {'ours ms':>9s} {'torch ms':>9s} {'ours/torch':>10s} {'best/best':>9s}")
+    for name, shape, ours, theirs in rows:
+        ratio = statistics.median(ours) / statistics.median(theirs)
+        flag = "" if ratio <= TARGET_RATIO else f"  > {TARGET_RATIO}x"
+        print(f"{name:20s} {shape:24s} {statistics.median(ours) * 1e3:9.2f} {statistics.median(theirs) * 1e3:9.2f} "
+              f"{ratio:10.2f} {min(ours) / min(theirs):9.2f}{flag}")
+    gflops = matmul_gflops(args.runs)
+    print("float32 matmul (512,768) @ (768,3072): "
+          + ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in gflops.items()))
+
+
+if __name__ == "__main__":
+    main()
