@@ -27,6 +27,7 @@ import numpy as np
 from .backend import xp_of
 
 SPLIT_FLOPS = 1 << 24  # smaller matmuls (~0.1 ms) are not worth a trip through the threads
+BLOCK = 1 << 18  # elements per task of row-wise work: 1 MB of float32, a core's L2 cache
 
 
 def reuse_freed_memory():
@@ -53,58 +54,6 @@ def reuse_freed_memory():
 reuse_freed_memory()
 
 # ---- threads --------------------------------------------------------------------------------
-
-
-def _default_num_threads():
-    for name in ("TINYGRAD_LLM_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 0:
-            return int(os.environ[name])
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-_num_threads = _default_num_threads()
-_pool = None
-_POOL_PREFIX = "tinygrad_llm"
-
-
-def get_num_threads():
-    return _num_threads
-
-
-def set_num_threads(n):
-    """Threads for `parallel_map` and `matmul` (1: plain NumPy, BLAS with its own threads)."""
-    global _num_threads, _pool
-    if int(n) < 1:
-        raise ValueError(f"number of threads must be at least 1, got {n}")
-    if _pool is not None:
-        _pool.shutdown()
-    _num_threads, _pool = int(n), None
-
-
-def _forget_pool():
-    global _pool
-    _pool = None  # a forked child has none of the parent's threads
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
-def parallel_map(fn, tasks):
-    """[fn(*task) for task in tasks], the tasks spread over `get_num_threads()` threads.
-
-    The tasks must not write to the same memory. From inside a task it runs serially.
-    """
-    global _pool
-    tasks = list(tasks)
-    if _num_threads == 1 or len(tasks) < 2 or _in_pool():
-        return [fn(*task) for task in tasks]
-    if _pool is None:
-        _pool = ThreadPoolExecutor(_num_threads, thread_name_prefix=_POOL_PREFIX)
-    return list(_pool.map(lambda task: fn(*task), tasks))
-
-
-# ---- matmuls --------------------------------------------------------------------------------
 
 
 def _find_openblas():
@@ -144,42 +93,110 @@ def _single_threaded_blas():
             set_threads(previous)
 
 
+def _default_num_threads():
+    for name in ("TINYGRAD_LLM_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 0:
+            return int(os.environ[name])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_num_threads = _default_num_threads()
+_pool = None
+_POOL_PREFIX = "tinygrad_llm"
+
+
+def get_num_threads():
+    return _num_threads
+
+
+def set_num_threads(n):
+    """Threads for `parallel_map` and `matmul` (1: plain NumPy, BLAS with its own threads)."""
+    global _num_threads, _pool
+    if int(n) < 1:
+        raise ValueError(f"number of threads must be at least 1, got {n}")
+    if _pool is not None:
+        _pool.shutdown()
+    _num_threads, _pool = int(n), None
+
+
+def _forget_pool():
+    global _pool, _openblas_lock
+    # A forked child has none of the parent's threads, nor a lock one of them held.
+    _pool, _openblas_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _in_pool():
     return threading.current_thread().name.startswith(_POOL_PREFIX)
+
+
+def parallel_map(fn, tasks, uses_blas=False):
+    """[fn(*task) for task in tasks], the tasks spread over `get_num_threads()` threads.
+
+    The tasks must not write to the same memory. BLAS calls inside them run single
+    threaded, each task on its core; where BLAS's threads cannot be set (not OpenBLAS)
+    tasks that use BLAS run one after the other. From inside a task it runs serially.
+    """
+    global _pool
+    tasks = list(tasks)
+    if _num_threads == 1 or len(tasks) < 2 or _in_pool() or (uses_blas and _openblas is None):
+        return [fn(*task) for task in tasks]
+    if _pool is None:
+        _pool = ThreadPoolExecutor(_num_threads, thread_name_prefix=_POOL_PREFIX)
+    with _single_threaded_blas() if _openblas is not None else contextlib.nullcontext():
+        return list(_pool.map(lambda task: fn(*task), tasks))
+
+
+def pieces(n, count):
+    """`count` slices (fewer if n is smaller) of about equal length covering range(n)."""
+    bounds = np.linspace(0, n, min(count, n) + 1).astype(int)
+    return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def row_blocks(n_rows, row_size, xp=np):
+    """Slices of rows of about BLOCK elements each, so that a task works in a core's cache.
+
+    On a GPU: one block of all rows.
+    """
+    if xp is not np:
+        return [slice(0, n_rows)]
+    return pieces(n_rows, max(1, n_rows * row_size // BLOCK))
+
+
+# ---- matmuls --------------------------------------------------------------------------------
 
 
 def _matmul_into(a, b, out):
     np.matmul(a, b, out=out)
 
 
-def _pieces(n, count):
-    bounds = np.linspace(0, n, min(count, n) + 1).astype(int)
-    return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-
 def matmul(a, b):
     """a @ b for 2-D or stacked arrays, one piece of the output per thread.
 
     The output is cut along a batch axis (attention's heads) when one has a piece for
-    every thread, else along its longer side: rows of a, or columns of b.
+    every thread, else along its longer side: rows of a, or columns of b. A matmul under
+    SPLIT_FLOPS runs whole, on one core.
     """
     if _num_threads == 1 or _openblas is None or xp_of(a) is not np or a.ndim < 2 or b.ndim < 2 or _in_pool():
-        return a @ b
+        return a @ b  # BLAS with its own threads
     batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     if 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * int(np.prod(batch)) < SPLIT_FLOPS:
-        return a @ b
+        with _single_threaded_blas():  # one core: a small call does not wait for a busy one
+            return a @ b
     out = np.empty((*batch, a.shape[-2], b.shape[-1]), np.result_type(a, b))
     same_batch = a.shape[:-2] == b.shape[:-2] == batch
     axis = next((i for i, n in enumerate(batch) if n >= _num_threads and same_batch), None)
     tasks = []
     if axis is not None:
-        for piece in _pieces(batch[axis], _num_threads):
+        for piece in pieces(batch[axis], _num_threads):
             index = (slice(None),) * axis + (piece,)
             tasks.append((a[index], b[index], out[index]))
     elif a.shape[-2] >= b.shape[-1]:
-        tasks = [(a[..., rows, :], b, out[..., rows, :]) for rows in _pieces(a.shape[-2], _num_threads)]
+        tasks = [(a[..., rows, :], b, out[..., rows, :]) for rows in pieces(a.shape[-2], _num_threads)]
     else:
-        tasks = [(a, b[..., cols], out[..., cols]) for cols in _pieces(b.shape[-1], _num_threads)]
-    with _single_threaded_blas():
-        parallel_map(_matmul_into, tasks)
+        tasks = [(a, b[..., cols], out[..., cols]) for cols in pieces(b.shape[-1], _num_threads)]
+    parallel_map(_matmul_into, tasks, uses_blas=True)
     return out

@@ -201,12 +201,6 @@ def log_softmax_backward(dout, cache):
 # ---- cross-entropy --------------------------------------------------------------------------
 
 
-def _row_blocks(n_rows, row_size, xp):
-    """(lo, hi) ranges of rows of about a million elements (all rows at once on a GPU)."""
-    step = max(1, (1 << 20) // max(row_size, 1)) if xp is np else max(n_rows, 1)
-    return [(lo, min(lo + step, n_rows)) for lo in range(0, n_rows, step)]
-
-
 def _logsumexp_rows(z, out):
     # out[i] = log(sum(exp(z[i]))) = max + log(sum(exp(z[i] - max))): exp() cannot overflow
     row_max = z.max(axis=1, keepdims=True)
@@ -241,8 +235,7 @@ def cross_entropy_forward(logits, targets, ignore_index=-100):
     # training step (N x 50257): blocks of rows on every core keep exp() in the cache,
     # and nothing of their size is stored for the backward pass.
     lse = xp.empty(z.shape[0], z.dtype)
-    blocks = _row_blocks(*z.shape, xp)
-    cpu.parallel_map(_logsumexp_rows, [(z[lo:hi], lse[lo:hi]) for lo, hi in blocks])
+    cpu.parallel_map(_logsumexp_rows, [(z[rows], lse[rows]) for rows in cpu.row_blocks(*z.shape, xp)])
     nll = lse - z[xp.arange(z.shape[0]), safe_t]
     n_kept = int(kept.sum())
     loss = xp.where(kept, nll, 0).sum() / n_kept if n_kept else xp.asarray(np.nan, logits.dtype)
@@ -257,9 +250,8 @@ def cross_entropy_backward(dout, cache):
     z = logits.reshape(-1, logits.shape[-1])
     weight = (kept * (dout / max(n_kept, 1))).astype(z.dtype)
     dz = xp.empty_like(z)
-    blocks = _row_blocks(*z.shape, xp)
-    cpu.parallel_map(_cross_entropy_grad_rows,
-                     [(z[lo:hi], lse[lo:hi], targets[lo:hi], weight[lo:hi], dz[lo:hi]) for lo, hi in blocks])
+    cpu.parallel_map(_cross_entropy_grad_rows, [(z[rows], lse[rows], targets[rows], weight[rows], dz[rows])
+                                                for rows in cpu.row_blocks(*z.shape, xp)])
     return dz.reshape(logits.shape), None
 
 
