@@ -1,16 +1,17 @@
 """The book's GPT (chapter 4), with its class and attribute names, so state dicts move both ways.
 
-GPTModel(cfg) takes the book's config dict. Speed comes from the fused ops: one matmul
-projects Q, K and V together (the three weights concatenated), attention splits heads as
-strided views, and under `no_grad()` nothing is recorded. For generation, `KVCache` keeps
-each layer's keys and values so a new token costs one position's work.
+GPTModel(cfg) takes the book's config dict. Speed comes from the fused ops (LayerNorm,
+GELU, attention and cross-entropy each one op with a hand-written backward; the heads are
+strided views of the projections, never copies), from matmuls split over the cores
+(tinygrad_llm.cpu), and under `no_grad()` nothing is recorded. For generation, `KVCache`
+keeps each layer's keys and values so a new token costs one position's work.
 """
 import numpy as np
 
 from . import backend
 from . import functional as F
 from .nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Sequential
-from .tensor import Tensor, concatenate
+from .tensor import Tensor
 
 GPT_CONFIG_124M = {
     "vocab_size": 50257,     # GPT-2's BPE vocabulary
@@ -105,28 +106,28 @@ class MultiHeadAttention(Module):
         self.out_proj = Linear(d_out, d_out, dtype=dtype, rng=rng)
 
     def forward(self, x, cache=None, layer=0):
-        # x: (B, T, d_in) -> (B, T, d_out). One matmul projects Q, K and V together.
-        projections = (self.W_query, self.W_key, self.W_value)
-        weight = concatenate([w.weight for w in projections])
-        bias = concatenate([w.bias for w in projections]) if self.W_query.bias is not None else None
-        qkv = F.linear(x, weight, bias)  # (B, T, 3 d_out)
+        # x: (B, T, d_in) -> (B, T, d_out)
+        B, T, _ = x.shape
+
+        def heads(linear):  # (B, T, d_out) -> (B, H, T, D), a view
+            return linear(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+
+        queries, keys, values = heads(self.W_query), heads(self.W_key), heads(self.W_value)
         if cache is None:
             dropout_p = self.dropout if self.training else 0.0
-            context = F.multi_head_attention(qkv, self.num_heads, dropout_p=dropout_p)
+            context = F.scaled_dot_product_attention(queries, keys, values, causal=True, dropout_p=dropout_p)
         else:
-            context = Tensor(self._attend_with_cache(qkv.data, cache, layer))
-        return self.out_proj(context)
+            context = Tensor(self._attend_with_cache(queries.data, keys.data, values.data, cache, layer))
+        return self.out_proj(context.transpose(1, 2).reshape(B, T, self.d_out))  # heads side by side again
 
-    def _attend_with_cache(self, qkv, cache, layer):
+    @staticmethod
+    def _attend_with_cache(queries, keys, values, cache, layer):
         # Append this step's keys and values at positions [start, end), attend over [0, end).
-        B, T, _ = qkv.shape
-        start, end = cache.length, cache.length + T
-        heads = qkv.reshape(B, T, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D)
-        cache.keys[layer, :, :, start:end] = heads[1]
-        cache.values[layer, :, :, start:end] = heads[2]
+        start, end = cache.length, cache.length + queries.shape[2]
+        cache.keys[layer, :, :, start:end] = keys
+        cache.values[layer, :, :, start:end] = values
         keys, values = cache.keys[layer, :, :, :end], cache.values[layer, :, :, :end]
-        out, _ = F.scaled_dot_product_attention_forward(heads[0], keys, values, causal=True)
-        return out.transpose(0, 2, 1, 3).reshape(B, T, self.d_out)
+        return F.scaled_dot_product_attention_forward(queries, keys, values, causal=True)[0]
 
 
 class FeedForward(Module):
