@@ -8,9 +8,9 @@ so a change in the machine's load hits both alike; the median step time is repor
 
 Each library also runs alone in a fresh child process: its peak memory there (the peak
 resident set of its address space, VmHWM, imports included) is not mixed with the
-other's, and its step time there is with its own allocator defaults (tinygrad_llm makes
-glibc reuse freed memory, process-wide, see tinygrad_llm.cpu.reuse_freed_memory; in the shared
-process the torch steps profit from that too).
+other's, and its step time there is with its own allocator settings. tinygrad_llm makes
+glibc reuse freed memory, process-wide (tinygrad_llm.cpu.reuse_freed_memory), so in the
+shared process the torch steps profit from it too.
 
 Model FLOPs per token follow the PaLM paper's count: 6 x (matmul parameters) for the
 forward and backward matmuls, plus 12 x layers x context x emb_dim for attention's
@@ -69,8 +69,8 @@ def pytorch(cfg, state_dict=None):
     import torch
     from reference.gpt import GPTModel, load_into_torch
 
-    if "OPENBLAS_NUM_THREADS" in os.environ:  # --threads: the same count for both libraries
-        torch.set_num_threads(int(os.environ["OPENBLAS_NUM_THREADS"]))
+    if "TINYGRAD_LLM_NUM_THREADS" in os.environ:  # --threads: the same count for both libraries
+        torch.set_num_threads(int(os.environ["TINYGRAD_LLM_NUM_THREADS"]))
 
     model = GPTModel(cfg, fused=True)
     if state_dict is not None:
@@ -205,8 +205,8 @@ def main():
     parser.add_argument("--threads", type=int, help="threads for both libraries (default: all CPUs)")
     parser.add_argument("--child", choices=("ours", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:  # before NumPy is imported: OpenBLAS reads it once
-        os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
+    if args.threads:  # before NumPy is imported: OpenBLAS reads its variable once
+        os.environ["OPENBLAS_NUM_THREADS"] = os.environ["TINYGRAD_LLM_NUM_THREADS"] = str(args.threads)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for reference/
     if args.child:
         child(args.child, args.config[0], args.steps)
