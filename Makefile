@@ -17,10 +17,10 @@ $(VENV)/.installed: pyproject.toml
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# A few minutes on two CPU cores: the tiny GPT learns The Verdict (loss curve printed, checkpoint
+# One to a few minutes on two CPU cores: the tiny GPT learns The Verdict (loss curve printed, checkpoint
 # and loss plot in runs/demo), then continues the book's prompt.
 demo: $(VENV)/.installed
-	$(BIN)/tinygrad-llm pretrain --data the-verdict --config tiny --epochs 15 --batch-size 2 --lr 2e-3 \
+	$(BIN)/tinygrad-llm pretrain --data the-verdict --config tiny --epochs 20 --batch-size 2 --lr 2e-3 \
 		--warmup 20 --cosine --min-lr 1e-4 --grad-clip 1.0 --eval-freq 40 --eval-iter 4 --out runs/demo --plot
 	$(BIN)/tinygrad-llm generate --checkpoint runs/demo/checkpoint.safetensors \
 		--prompt "Every effort moves you" --max-new-tokens 50
