@@ -43,7 +43,7 @@ def save_checkpoint(path, model, optimizer=None, **metadata):
     if optimizer is not None:
         optimizer_arrays, header["optimizer"] = _flatten_optimizer(optimizer)
         tensors.update(optimizer_arrays)
-    _atomic_save(tensors, header, path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
 def load_checkpoint(path, model, optimizer=None):
@@ -183,14 +183,18 @@ def _to_json(value, what):
         raise TypeError(f"checkpoint {what} must be JSON-serialisable: {error}") from None
 
 
-def _atomic_save(tensors, header, path):
-    """Write to a temporary file beside `path`, fsync it, then rename it over `path`."""
+def atomic_write(path, write):
+    """Call write(temporary path) beside `path`, fsync, then rename over `path`.
+
+    Readers see the old file or the new one, never half of one, even after SIGKILL.
+    """
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     # A random name, so two processes saving at once never write into each other's file.
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     try:
-        save_file(tensors, tmp, metadata=header)
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -15,12 +15,12 @@ export and the book's nested `params` all go through it.
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from . import backend, datasets
+from .checkpoint import atomic_write
 from .model import GPT2_SIZES, GPTModel
 from .nn import LayerNorm
 
@@ -292,21 +292,9 @@ def save_hf_gpt2(model, directory):
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # transformers refuses a safetensors file whose metadata does not name its framework.
-    _write_atomic(directory / SAFETENSORS_FILE, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-    _write_atomic(directory / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(hf_config, indent=2)))
+    atomic_write(directory / SAFETENSORS_FILE, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(hf_config, indent=2)))
     return directory
-
-
-def _write_atomic(path, write):
-    """Call write(temporary path) beside `path`, then rename: readers never see a half-written file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 # ---------------------------------------------------------------------------- the book's formats
