@@ -1,4 +1,5 @@
 """The `tinygrad-llm` command line on a tiny config: pretrain, resume, Ctrl-C, generate, info."""
+import dataclasses
 import json
 import os
 import pickle
@@ -14,6 +15,7 @@ from tinygrad_llm import datasets
 from tinygrad_llm.checkpoint import model_from_checkpoint, read_checkpoint
 from tinygrad_llm.cli import main
 from tinygrad_llm.tokenizers import get_gpt2_tokenizer
+from tests.http_server import serve
 
 CFG = {"vocab_size": 50257, "context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
        "drop_rate": 0.1, "qkv_bias": False}
@@ -149,3 +151,18 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(files, tmp_path, capsys)
     finished = read_checkpoint(out / "checkpoint.safetensors")["metadata"]["train_state"]
     assert finished["epoch"] == 3
     assert len(finished["history"]["train_losses"]) == finished["step"]  # one evaluation per step, none lost
+
+
+def test_a_failed_download_ends_with_a_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    # No local copy, an empty cache, and the registry's URL on a local server that answers 404.
+    monkeypatch.setenv("TINYGRAD_LLM_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with serve({}) as server:
+        verdict = datasets.REGISTRY["the-verdict"]
+        monkeypatch.setitem(datasets.REGISTRY, "the-verdict",
+                            dataclasses.replace(verdict, url=server.url("/the-verdict.txt")))
+        code = main(["pretrain", "--data", "the-verdict", "--config", "tiny",
+                     "--out", str(tmp_path / "run")])
+    assert code == 2
+    message = capsys.readouterr().err
+    assert "404" in message and "needs a network" in message

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import backend
 from .checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
+from .datasets import DownloadError
 from .generate import generate_stream, text_to_token_ids
 from .model import GPT2_PRESETS, GPT2_SIZES, GPTModel, gpt2_config, parameter_counts
 from .optim import AdamW
@@ -264,7 +265,7 @@ def load_openai_gpt2(source, dtype="float32"):
     """GPT-2 for --from / --model; a failed download ends the command with its reason, not a traceback."""
     try:
         return load_gpt2(source, dtype)
-    except RuntimeError as error:
+    except DownloadError as error:
         raise SystemExit(f"{error}\nGPT-2's weights come from the Hugging Face hub on first use, which needs a "
                          "network; a folder holding config.json and model.safetensors works offline") from None
 
@@ -333,6 +334,10 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as error:
         # Errors at the boundary (a bad checkpoint, token id or option) already name the problem.
         print(f"tinygrad-llm {args.command}: {error}", file=sys.stderr)
+        return 2
+    except DownloadError as error:
+        print(f"tinygrad-llm {args.command}: {error}\n(data sets download on first use, which needs a network; "
+              "offline, point TINYGRAD_LLM_DATA at a folder holding the files)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -60,6 +60,10 @@ REGISTRY = {d.name: d for d in [
 ]}
 
 
+
+class DownloadError(RuntimeError):
+    """A download failed (HTTP error, dropped connection, no network); nothing final was written."""
+
 def get(name):
     """The registry entry of a data set."""
     try:
@@ -137,14 +141,14 @@ def download_file(url, dest, sha256=None, resume=True, progress=True):
         if error.code == 416 and offset:  # the .part is no prefix of the file: start again
             part.unlink()
             return download_file(url, dest, sha256, resume=False, progress=progress)
-        raise RuntimeError(f"download of {url} failed: HTTP {error.code} {error.reason}") from None
+        raise DownloadError(f"download of {url} failed: HTTP {error.code} {error.reason}") from None
     except urllib.error.URLError as error:
-        raise RuntimeError(f"download of {url} failed: {error.reason}") from None
+        raise DownloadError(f"download of {url} failed: {error.reason}") from None
     with response:
         if response.status != 206:
             offset = 0  # the server ignored the Range request: it sends the file from byte 0
         elif not (content_range := response.headers.get("Content-Range", "")).startswith(f"bytes {offset}-"):
-            raise RuntimeError(f"download of {url} failed: asked for bytes {offset}-, got {content_range!r}")
+            raise DownloadError(f"download of {url} failed: asked for bytes {offset}-, got {content_range!r}")
         length = response.headers.get("Content-Length")
         expected = offset + int(length) if length is not None else None
         dropped = False
@@ -160,7 +164,7 @@ def download_file(url, dest, sha256=None, resume=True, progress=True):
     # http.client returns a short body without complaint when the peer closes early.
     received = part.stat().st_size
     if dropped or (expected is not None and received != expected):
-        raise RuntimeError(f"download of {url} was cut off after {received} of {expected or '?'} bytes; "
+        raise DownloadError(f"download of {url} was cut off after {received} of {expected or '?'} bytes; "
                            f"{part} is kept, run again to resume")
     _verify_and_move(part, dest, sha256, url)
     return dest
