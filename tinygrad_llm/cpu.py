@@ -18,6 +18,7 @@ changes it. With one thread everything runs as plain NumPy.
 import contextlib
 import ctypes
 import os
+import queue
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -136,18 +137,40 @@ def _in_pool():
 def parallel_map(fn, tasks, uses_blas=False):
     """[fn(*task) for task in tasks], the tasks spread over `get_num_threads()` threads.
 
-    The tasks must not write to the same memory. BLAS calls inside them run single
-    threaded, each task on its core; where BLAS's threads cannot be set (not OpenBLAS)
-    tasks that use BLAS run one after the other. From inside a task it runs serially.
+    The calling thread works too, beside get_num_threads() - 1 helpers, each taking the
+    next task until none is left. The tasks must not write to the same memory. BLAS calls
+    inside them run single threaded, each task on its core; where BLAS's threads cannot be
+    set (not OpenBLAS) tasks that use BLAS run one after the other. From inside a task it
+    runs serially.
     """
     global _pool
     tasks = list(tasks)
     if _num_threads == 1 or len(tasks) < 2 or _in_pool() or (uses_blas and _openblas is None):
         return [fn(*task) for task in tasks]
     if _pool is None:
-        _pool = ThreadPoolExecutor(_num_threads, thread_name_prefix=_POOL_PREFIX)
+        _pool = ThreadPoolExecutor(_num_threads - 1, thread_name_prefix=_POOL_PREFIX)
+    todo, results = queue.SimpleQueue(), [None] * len(tasks)
+    for i in range(len(tasks)):
+        todo.put(i)
+
+    def work():
+        while True:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            results[i] = fn(*tasks[i])
+
     with _single_threaded_blas() if _openblas is not None else contextlib.nullcontext():
-        return list(_pool.map(lambda task: fn(*task), tasks))
+        helpers = [_pool.submit(work) for _ in range(min(_num_threads, len(tasks)) - 1)]
+        try:
+            work()
+        finally:
+            for helper in helpers:  # wait for every helper, then raise the first error
+                helper.exception()
+        for helper in helpers:
+            helper.result()
+    return results
 
 
 def pieces(n, count):
