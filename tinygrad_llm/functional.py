@@ -130,33 +130,51 @@ _GELU_A = 0.044715
 
 def gelu_forward(x):
     check_float(x, "gelu")
-    # The tanh approximation GPT-2 uses: 0.5 x (1 + tanh(c (x + a x^3))), c = sqrt(2/pi)
+    # The tanh approximation GPT-2 uses: 0.5 x (1 + tanh(c (x + a x^3))), c = sqrt(2/pi),
+    # over cache-sized blocks on every core.
     xp = xp_of(x)
-    t = xp.multiply(x, x, out=xp.empty_like(x))  # an array even for 0-d x (x * x is a scalar there)
+    flat = x.reshape(-1)
+    t, out = xp.empty_like(flat), xp.empty_like(flat)
+    cpu.parallel_map(_gelu_forward_block, [(flat[b], t[b], out[b]) for b in cpu.row_blocks(flat.size, 1, xp)])
+    return out.reshape(x.shape), (x, t.reshape(x.shape))
+
+
+def _gelu_forward_block(x, t, out):
+    # t = tanh(c (x + a x^3)) (kept for the backward pass), out = 0.5 x (1 + t)
+    xp = xp_of(x)
+    xp.multiply(x, x, out=t)
     t *= _GELU_A
     t += 1.0
     t *= x
     t *= _GELU_C
     xp.tanh(t, out=t)
-    out = t + 1.0
+    xp.add(t, 1.0, out=out)
     out *= x
     out *= 0.5
-    return out, (x, t)
 
 
 def gelu_backward(dout, cache):
+    x, t = cache
+    xp = xp_of(x)
+    flat, dx = x.reshape(-1), xp.empty(x.size, x.dtype)
+    t, dout = t.reshape(-1), dout.reshape(-1)
+    cpu.parallel_map(_gelu_backward_block,
+                     [(flat[b], t[b], dout[b], dx[b]) for b in cpu.row_blocks(flat.size, 1, xp)])
+    return (dx.reshape(x.shape),)
+
+
+def _gelu_backward_block(x, t, dout, dx):
     # With u = c (x + a x^3) and t = tanh(u):
     #   d/dx [0.5 x (1 + t)] = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2)
-    x, t = cache
-    slope = x * x
-    slope *= 3 * _GELU_A
-    slope += 1.0
-    slope *= _GELU_C * 0.5
-    slope *= x
-    slope *= 1.0 - t * t
-    slope += 0.5 * (1.0 + t)
-    slope *= dout
-    return (slope,)
+    xp = xp_of(x)
+    xp.multiply(x, x, out=dx)
+    dx *= 3 * _GELU_A
+    dx += 1.0
+    dx *= _GELU_C * 0.5
+    dx *= x
+    dx *= 1.0 - t * t
+    dx += 0.5 * (1.0 + t)
+    dx *= dout
 
 
 # ---- softmax and log-softmax ---------------------------------------------------------------
@@ -282,51 +300,75 @@ def dropout_mask(shape, p, device):
 
 def scaled_dot_product_attention_forward(q, k, v, causal=True, dropout_p=0.0):
     check_float(q, "scaled_dot_product_attention")
-    # q: (B, H, T, D)  k, v: (B, H, S, D)  ->  (B, H, T, D)
+    # q: (B, H, T, D)  k, v: (B, H, S, D)  ->  (B, H, T, D); the heads are independent, so
+    # blocks of heads go to the cores (_attention_forward_heads).
     xp = xp_of(q)
-    # Scaling q (B, H, T, D) costs a quarter of scaling the scores (B, H, T, S) and gives
-    # the matmul a contiguous operand.
-    q = q * q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
-    att = cpu.matmul(q, k.swapaxes(-1, -2))  # (B, H, T, S)
-    if causal:
-        # -inf scores become exact zeros after exp(); every row keeps its own position.
-        att += xp.asarray(np.where(causal_mask(q.shape[-2], k.shape[-2]), -np.inf, 0.0).astype(att.dtype))
+    (B, H, T, D), S = q.shape, k.shape[-2]
+    # Scaling q (B, H, T, D) costs a quarter of scaling the scores (B, H, T, S).
+    q = q * q.dtype.type(1.0 / math.sqrt(D))
+    bias = xp.asarray(np.where(causal_mask(T, S), -np.inf, 0.0).astype(q.dtype)) if causal else None
+    keep = dropout_mask((B, H, T, S), dropout_p, backend.device_of(q)) if dropout_p > 0.0 else None
+    att, out = xp.empty((B, H, T, S), q.dtype), xp.empty_like(q)
+    cpu.parallel_map(_attention_forward_heads,
+                     [(q[:, h], k[:, h], v[:, h], bias, None if keep is None else keep[:, h], dropout_p, att[:, h], out[:, h])
+                      for h in _head_blocks(att, xp)], uses_blas=True)
+    return out, (q, k, v, att, keep, dropout_p)
+
+
+def _head_blocks(att, xp):
+    """Slices of the heads axis: one per thread when the (B, H, T, S) weights are worth it."""
+    worth_it = xp is np and att.size >= cpu.BLOCK
+    return cpu.pieces(att.shape[1], cpu.get_num_threads() if worth_it else 1)
+
+
+def _attention_forward_heads(q, k, v, bias, keep, dropout_p, att, out):
+    # q: (B, h, T, D) already scaled by 1/sqrt(D)  k, v: (B, h, S, D)  ->  att = P, out
+    xp = xp_of(q)
+    xp.matmul(q, k.swapaxes(-1, -2), out=att)  # scores (B, h, T, S)
+    if bias is not None:
+        att += bias  # -inf scores become exact zeros after exp(); every row keeps its own position
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
-    if dropout_p == 0.0:
-        return cpu.matmul(att, v), (q, k, v, att, None)
-    # Inverted dropout on the weights; the 1/(1-p) goes on the (B, H, T, D) output, not on (B, H, T, S).
-    keep = dropout_mask(att.shape, dropout_p, backend.device_of(att))
-    out = cpu.matmul(att * keep, v)
-    out *= out.dtype.type(1.0 / (1.0 - dropout_p))
-    return out, (q, k, v, att, (keep, dropout_p))
+    if keep is None:
+        xp.matmul(att, v, out=out)
+    else:
+        # Inverted dropout on the weights; the 1/(1-p) goes on (B, h, T, D), not on (B, h, T, S).
+        xp.matmul(att * keep, v, out=out)
+        out *= out.dtype.type(1.0 / (1.0 - dropout_p))
 
 
 def scaled_dot_product_attention_backward(dout, cache):
+    q, k, v, att, keep, dropout_p = cache
+    xp = xp_of(q)
+    dq, dk, dv = xp.empty_like(q), xp.empty(k.shape, q.dtype), xp.empty(v.shape, q.dtype)
+    cpu.parallel_map(_attention_backward_heads,
+                     [(dout[:, h], q[:, h], k[:, h], v[:, h], att[:, h], None if keep is None else keep[:, h],
+                       dropout_p, dq[:, h], dk[:, h], dv[:, h]) for h in _head_blocks(att, xp)], uses_blas=True)
+    return dq, dk, dv
+
+
+def _attention_backward_heads(dout, q, k, v, att, keep, dropout_p, dq, dk, dv):
     # out = P' v with P' = keep * P / (1 - p), P = softmax(s), s = q' k^T, q' = q / sqrt(D):
     #   dv = P'^T dout,  dP' = dout v^T,  dP = dP' * keep / (1 - p),
     #   ds = P * (dP - sum(dP * P))  (softmax backward, per row),
     #   dq = ds k / sqrt(D),  dk = ds^T q'
-    # The 1/(1-p) is applied to dout (B, H, T, D) rather than to the (B, H, T, S) weights.
-    q, k, v, att, dropout = cache
-    xp = xp_of(att)
-    if dropout is None:
+    # The 1/(1-p) is applied to dout (B, h, T, D) rather than to the (B, h, T, S) weights.
+    xp = xp_of(q)
+    if keep is None:
         dropped = att
     else:
-        keep, p = dropout
         dropped = att * keep
-        dout = dout * dout.dtype.type(1.0 / (1.0 - p))
-    dv = cpu.matmul(dropped.swapaxes(-1, -2), dout)
-    datt = cpu.matmul(dout, v.swapaxes(-1, -2))
-    if dropout is not None:
+        dout = dout * dout.dtype.type(1.0 / (1.0 - dropout_p))
+    xp.matmul(dropped.swapaxes(-1, -2), dout, out=dv)
+    datt = dout @ v.swapaxes(-1, -2)
+    if keep is not None:
         datt *= keep
     datt -= xp.einsum("...ij,...ij->...i", datt, att)[..., None]
     datt *= att
-    dq = cpu.matmul(datt, k)
+    xp.matmul(datt, k, out=dq)
     dq *= dq.dtype.type(1.0 / math.sqrt(q.shape[-1]))
-    dk = cpu.matmul(datt.swapaxes(-1, -2), q)
-    return dq, dk, dv
+    xp.matmul(datt.swapaxes(-1, -2), q, out=dk)
 
 
 def multi_head_attention_forward(qkv, num_heads, causal=True, dropout_p=0.0):
