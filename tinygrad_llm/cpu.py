@@ -17,6 +17,7 @@ changes it. With one thread everything runs as plain NumPy.
 """
 import contextlib
 import ctypes
+import math
 import os
 import queue
 import sys
@@ -196,30 +197,41 @@ def _matmul_into(a, b, out):
     np.matmul(a, b, out=out)
 
 
-def matmul(a, b):
-    """a @ b for 2-D or stacked arrays, one piece of the output per thread.
-
-    The output is cut along a batch axis (attention's heads) when one has a piece for
-    every thread, else along its longer side: rows of a, or columns of b. A matmul under
-    SPLIT_FLOPS runs whole, on one core.
-    """
-    if _num_threads == 1 or _openblas is None or xp_of(a) is not np or a.ndim < 2 or b.ndim < 2 or _in_pool():
-        return a @ b  # BLAS with its own threads
-    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    if 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * int(np.prod(batch)) < SPLIT_FLOPS:
-        with _single_threaded_blas():  # one core: a small call does not wait for a busy one
-            return a @ b
-    out = np.empty((*batch, a.shape[-2], b.shape[-1]), np.result_type(a, b))
+def _split(a, b, out, count):
+    """`count` (a piece, b piece, out piece) triples: the output cut along a batch axis
+    (attention's heads) when one has a piece each, else along its longer side."""
+    batch = out.shape[:-2]
     same_batch = a.shape[:-2] == b.shape[:-2] == batch
-    axis = next((i for i, n in enumerate(batch) if n >= _num_threads and same_batch), None)
-    tasks = []
+    axis = next((i for i, n in enumerate(batch) if n >= count and same_batch), None)
     if axis is not None:
-        for piece in pieces(batch[axis], _num_threads):
-            index = (slice(None),) * axis + (piece,)
-            tasks.append((a[index], b[index], out[index]))
-    elif a.shape[-2] >= b.shape[-1]:
-        tasks = [(a[..., rows, :], b, out[..., rows, :]) for rows in pieces(a.shape[-2], _num_threads)]
-    else:
-        tasks = [(a, b[..., cols], out[..., cols]) for cols in pieces(b.shape[-1], _num_threads)]
-    parallel_map(_matmul_into, tasks, uses_blas=True)
-    return out
+        index = [(slice(None),) * axis + (piece,) for piece in pieces(batch[axis], count)]
+        return [(a[i], b[i], out[i]) for i in index]
+    if a.shape[-2] >= b.shape[-1]:
+        return [(a[..., rows, :], b, out[..., rows, :]) for rows in pieces(a.shape[-2], count)]
+    return [(a, b[..., cols], out[..., cols]) for cols in pieces(b.shape[-1], count)]
+
+
+def matmuls(pairs):
+    """[a @ b for a, b in pairs] for 2-D or stacked arrays, all of them on all the threads.
+
+    With at least as many matmuls as threads each runs whole on one core (a backward
+    pass's dx and dW); with fewer each is cut into pieces. Matmuls under SPLIT_FLOPS in
+    all run one after the other, each on one core.
+    """
+    if (_num_threads == 1 or _openblas is None or _in_pool()
+            or any(xp_of(a) is not np or a.ndim < 2 or b.ndim < 2 for a, b in pairs)):
+        return [a @ b for a, b in pairs]  # BLAS with its own threads
+    shapes = [(*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1]) for a, b in pairs]
+    if sum(2 * math.prod(shape) * a.shape[-1] for (a, _), shape in zip(pairs, shapes)) < SPLIT_FLOPS:
+        with _single_threaded_blas():  # one core: a small call does not wait for a busy one
+            return [a @ b for a, b in pairs]
+    outs = [np.empty(shape, np.result_type(a, b)) for (a, b), shape in zip(pairs, shapes)]
+    count = max(1, _num_threads // len(pairs))
+    parallel_map(_matmul_into, [task for (a, b), out in zip(pairs, outs) for task in _split(a, b, out, count)],
+                 uses_blas=True)
+    return outs
+
+
+def matmul(a, b):
+    """a @ b on all the threads (see `matmuls`)."""
+    return matmuls([(a, b)])[0]

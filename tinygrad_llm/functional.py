@@ -41,8 +41,8 @@ def linear_backward(dout, cache):
     # out = x W^T + b  =>  dx = dout W,  dW = dout^T x,  db = sum of dout over positions
     x2, x_shape, weight, has_bias = cache
     d2 = dout.reshape(-1, dout.shape[-1])
-    dx = cpu.matmul(d2, weight).reshape(x_shape)
-    dweight = cpu.matmul(d2.T, x2)
+    dx, dweight = cpu.matmuls([(d2, weight), (d2.T, x2)])
+    dx = dx.reshape(x_shape)
     dbias = d2.sum(axis=0) if has_bias else None
     return dx, dweight, dbias
 
