@@ -110,3 +110,12 @@ def test_a_split_training_step_equals_the_serial_one(split_everything):
     serial = gradients(model, idx, targets)
     for name in serial:
         np.testing.assert_allclose(split[name], serial[name], rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+def test_independent_matmuls_run_whole_one_per_thread(split_everything):
+    rng = np.random.default_rng(2)
+    d, w, x = rng.standard_normal((9, 5)), rng.standard_normal((5, 7)), rng.standard_normal((9, 7))
+    dx, dw = cpu.matmuls([(d, w), (d.T, x)])  # a linear's backward: dx and dW
+    np.testing.assert_allclose(dx, d @ w, rtol=RTOL)
+    np.testing.assert_allclose(dw, d.T @ x, rtol=RTOL)
+    assert split_everything == [(9, 7), (5, 7)]
