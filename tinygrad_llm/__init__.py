@@ -1,5 +1,5 @@
 """tinygrad_llm: a GPT built from scratch on NumPy (CuPy on a GPU) with a hand-written autograd."""
-from . import backend, functional, nn, optim
+from . import backend, datasets, functional, nn, optim
 from .backend import get_rng_state, manual_seed, set_rng_state
 from .gradcheck import gradcheck
 from .model import GPT2_PRESETS, GPT_CONFIG_124M, GPTModel, gpt2_config, parameter_counts
