@@ -37,16 +37,6 @@ def causal_attention(q, k, v, causal=True, keep=None, dropout_p=0.0):
     return weights @ v
 
 
-def multi_head_attention(qkv, num_heads, causal=True, keep=None, dropout_p=0.0):
-    """The book's MultiHeadAttention after its Q, K and V projections, given packed as one
-    (B, T, 3C) tensor: split into Q | K | V and into heads, attend, merge the heads: (B, T, C)."""
-    batch, t, width = qkv.shape
-    heads = [part.view(batch, t, num_heads, width // (3 * num_heads)).transpose(1, 2)
-             for part in qkv.split(width // 3, dim=-1)]
-    context = causal_attention(*heads, causal=causal, keep=keep, dropout_p=dropout_p)
-    return context.transpose(1, 2).reshape(batch, t, width // 3)
-
-
 def appendix_d_lr(global_step, peak_lr, total_training_steps, warmup_steps, initial_lr, min_lr):
     """The learning rate of the book's appendix-D training loop at `global_step`:
     linear warmup from initial_lr, then cosine annealing from peak_lr down to min_lr."""

@@ -311,14 +311,6 @@ def attention_cases(draw, dropout=(0.0, 0.0, 0.1, 0.5)):
 
 
 @st.composite
-def multi_head_attention_cases(draw):
-    batch, t, heads, head_size = (draw(st.integers(1, n)) for n in (2, 5, 3, 3))
-    return Case((draw(values((batch, t, 3 * heads * head_size))),),
-                {"num_heads": heads, "causal": draw(st.booleans()), "dropout_p": draw(st.sampled_from([0.0, 0.5])),
-                 "seed": draw(st.integers(0, 2**16))})
-
-
-@st.composite
 def dropout_cases(draw):
     return Case((draw(values(draw(shapes(min_dims=1)))),),
                 {"p": draw(st.sampled_from([0.1, 0.5, 0.9])), "seed": draw(st.integers(0, 2**16))})
@@ -392,12 +384,6 @@ def _torch_attention(q, k, v, causal, dropout_p, seed):
     return ref.causal_attention(q, k, v, causal=causal, keep=keep, dropout_p=dropout_p)
 
 
-def _torch_multi_head_attention(qkv, num_heads, causal, dropout_p, seed):
-    batch, t, _ = qkv.shape
-    keep = dropout_keep_mask((batch, num_heads, t, t), dropout_p, seed, qkv.dtype) if dropout_p else None
-    return ref.multi_head_attention(qkv, num_heads, causal=causal, keep=keep, dropout_p=dropout_p)
-
-
 OPS = [
     # -- primitive ops of Tensor --
     Op("add", lambda a, b: a + b, lambda a, b: a + b, binary(), F64_ELEMENTWISE, F32_ELEMENTWISE),
@@ -460,10 +446,6 @@ OPS = [
        lambda q, k, v, causal, dropout_p, seed: seeded(
            lambda: F.scaled_dot_product_attention(q, k, v, causal=causal, dropout_p=dropout_p), seed),
        _torch_attention, attention_cases(), F64_FUSED, F32_FUSED),
-    Op("multi_head_attention",
-       lambda qkv, num_heads, causal, dropout_p, seed: seeded(
-           lambda: F.multi_head_attention(qkv, num_heads, causal=causal, dropout_p=dropout_p), seed),
-       _torch_multi_head_attention, multi_head_attention_cases(), F64_FUSED, F32_FUSED),
     Op("dropout", lambda x, p, seed: seeded(lambda: F.dropout(x, p), seed),
        lambda x, p, seed: x * dropout_keep_mask(x.shape, p, seed, x.dtype) / (1 - p), dropout_cases(),
        F64_ELEMENTWISE, F32_ELEMENTWISE),

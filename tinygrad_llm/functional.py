@@ -93,33 +93,61 @@ def embedding_backward(dout, cache):
 
 
 def layer_norm_forward(x, scale, shift, eps=1e-5):
-    # x: (N..., C)  scale, shift: (C,)  ->  (N..., C); biased variance, as torch and the book
+    check_float(x, "layer_norm")
+    # x: (N..., C)  scale, shift: (C,)  ->  (N..., C); biased variance, as torch and the book.
+    # Rows are independent: blocks of rows go to the cores.
     xp = xp_of(x)
-    mean = x.mean(axis=-1, keepdims=True)
-    xhat = x - mean
-    var = xp.mean(xhat * xhat, axis=-1, keepdims=True)
-    rstd = 1.0 / xp.sqrt(var + eps)
+    x2 = x.reshape(-1, x.shape[-1])
+    xhat, out = xp.empty_like(x2), xp.empty_like(x2)
+    rstd = xp.empty((x2.shape[0], 1), x2.dtype)
+    cpu.parallel_map(_layer_norm_forward_rows, [(x2[r], scale, shift, eps, xhat[r], rstd[r], out[r])
+                                                for r in cpu.row_blocks(*x2.shape, xp)])
+    return out.reshape(x.shape), (xhat, scale, rstd)
+
+
+def _layer_norm_forward_rows(x, scale, shift, eps, xhat, rstd, out):
+    # xhat = (x - mean) / sqrt(var + eps), out = xhat * scale + shift (out holds the squares first)
+    xp = xp_of(x)
+    xp.subtract(x, x.mean(axis=1, keepdims=True), out=xhat)
+    xp.multiply(xhat, xhat, out=out)
+    xp.sqrt(out.mean(axis=1, keepdims=True) + eps, out=rstd)
+    xp.divide(1.0, rstd, out=rstd)
     xhat *= rstd
-    out = xhat * scale
+    xp.multiply(xhat, scale, out=out)
     out += shift
-    return out, (xhat, scale, rstd)
 
 
 def layer_norm_backward(dout, cache):
     # With xhat = (x - mean) * rstd and out = xhat * scale + shift, the three-term formula:
     #   dxhat = dout * scale
     #   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-    # (the two means are how each x moves the row's mean and variance).
+    # (the two means are how each x moves the row's mean and variance);
+    #   dscale = sum over rows of dout * xhat,  dshift = sum over rows of dout.
     xhat, scale, rstd = cache
-    rows = tuple(range(dout.ndim - 1))
-    dshift = dout.sum(axis=rows)
-    dscale = (dout * xhat).sum(axis=rows)
+    xp = xp_of(xhat)
+    d2 = dout.reshape(xhat.shape)
+    dx = xp.empty_like(xhat)
+    partial_sums = cpu.parallel_map(_layer_norm_backward_rows, [(d2[r], xhat[r], scale, rstd[r], dx[r])
+                                                                for r in cpu.row_blocks(*xhat.shape, xp)])
+    dscale = sum(block_dscale for block_dscale, _ in partial_sums)
+    dshift = sum(block_dshift for _, block_dshift in partial_sums)
+    return dx.reshape(dout.shape), dscale, dshift
+
+
+def _layer_norm_backward_rows(dout, xhat, scale, rstd, dx):
+    # One block of rows: writes dx, returns this block's share of dscale and dshift.
+    xp = xp_of(dout)
+    dshift = dout.sum(axis=0)
+    xp.multiply(dout, xhat, out=dx)
+    dscale = dx.sum(axis=0)
     dxhat = dout * scale
-    projection = (dxhat * xhat).mean(axis=-1, keepdims=True)
-    dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
-    dx -= xhat * projection
+    xp.multiply(dxhat, xhat, out=dx)
+    projection = dx.mean(axis=1, keepdims=True)
+    dxhat -= dxhat.mean(axis=1, keepdims=True)
+    xp.multiply(xhat, projection, out=dx)
+    xp.subtract(dxhat, dx, out=dx)
     dx *= rstd
-    return dx, dscale, dshift
+    return dscale, dshift
 
 
 # ---- GELU ---------------------------------------------------------------------------------
@@ -180,40 +208,78 @@ def _gelu_backward_block(x, t, dout, dx):
 # ---- softmax and log-softmax ---------------------------------------------------------------
 
 
+def _over_rows(fn, axis, *arrays):
+    """fn(*row_blocks) with `axis` moved last, over blocks of rows on every core.
+
+    The functions below reduce along the last axis, so rows are independent. When that
+    axis is not the contiguous last one the whole array is one block.
+    """
+    xp = xp_of(arrays[0])
+    moved = [xp.moveaxis(a, axis, -1) for a in arrays]
+    if not all(m.flags.c_contiguous for m in moved):
+        return fn(*moved)
+    rows = [m.reshape(-1, m.shape[-1]) for m in moved]
+    cpu.parallel_map(fn, [tuple(r[block] for r in rows) for block in cpu.row_blocks(*rows[0].shape, xp)])
+
+
 def softmax_forward(x, axis=-1):
     check_float(x, "softmax")
-    # Subtracting the row maximum changes nothing mathematically and keeps exp() finite.
-    xp = xp_of(x)
-    out = x - x.max(axis=axis, keepdims=True)
-    xp.exp(out, out=out)
-    out /= out.sum(axis=axis, keepdims=True)
+    out = xp_of(x).empty_like(x)
+    _over_rows(_softmax_rows, axis, x, out)
     return out, (out, axis)
 
 
+def _softmax_rows(x, out):
+    # Subtracting the row maximum changes nothing mathematically and keeps exp() finite.
+    xp = xp_of(x)
+    xp.subtract(x, x.max(axis=-1, keepdims=True), out=out)
+    xp.exp(out, out=out)
+    out /= out.sum(axis=-1, keepdims=True)
+
+
 def softmax_backward(dout, cache):
-    # y = softmax(x)  =>  dx = y * (dout - sum(dout * y))   (the Jacobian diag(y) - y y^T applied)
     y, axis = cache
-    dx = dout * y
-    dx -= y * dx.sum(axis=axis, keepdims=True)
+    dx = xp_of(y).empty_like(y)
+    _over_rows(_softmax_backward_rows, axis, dout, y, dx)
     return (dx,)
+
+
+def _softmax_backward_rows(dout, y, dx):
+    # y = softmax(x)  =>  dx = y * (dout - sum(dout * y))   (the Jacobian diag(y) - y y^T applied)
+    xp = xp_of(y)
+    xp.multiply(dout, y, out=dx)
+    row_dot = dx.sum(axis=-1, keepdims=True)
+    xp.subtract(dout, row_dot, out=dx)
+    dx *= y
 
 
 def log_softmax_forward(x, axis=-1):
     check_float(x, "log_softmax")
-    xp = xp_of(x)
-    out = x - x.max(axis=axis, keepdims=True)
-    out -= xp.log(xp.exp(out).sum(axis=axis, keepdims=True))
+    out = xp_of(x).empty_like(x)
+    _over_rows(_log_softmax_rows, axis, x, out)
     return out, (out, axis)
 
 
+def _log_softmax_rows(x, out):
+    # log softmax(x) = (x - max) - log(sum(exp(x - max)))
+    xp = xp_of(x)
+    xp.subtract(x, x.max(axis=-1, keepdims=True), out=out)
+    out -= xp.log(xp.exp(out).sum(axis=-1, keepdims=True))
+
+
 def log_softmax_backward(dout, cache):
-    # y = x - logsumexp(x)  =>  dx = dout - softmax(x) * sum(dout)
     y, axis = cache
-    xp = xp_of(y)
-    dx = xp.exp(y)  # one temporary, updated in place: over a 50257-wide vocabulary each one costs
-    dx *= -dout.sum(axis=axis, keepdims=True)
-    dx += dout
+    dx = xp_of(y).empty_like(y)
+    _over_rows(_log_softmax_backward_rows, axis, dout, y, dx)
     return (dx,)
+
+
+def _log_softmax_backward_rows(dout, y, dx):
+    # y = x - logsumexp(x)  =>  dx = dout - softmax(x) * sum(dout), with softmax(x) = exp(y)
+    xp = xp_of(y)
+    xp.exp(y, out=dx)
+    dx *= -dout.sum(axis=-1, keepdims=True)
+    dx += dout
 
 
 # ---- cross-entropy --------------------------------------------------------------------------
@@ -371,28 +437,6 @@ def _attention_backward_heads(dout, q, k, v, att, keep, dropout_p, dq, dk, dv):
     xp.matmul(datt.swapaxes(-1, -2), q, out=dk)
 
 
-def multi_head_attention_forward(qkv, num_heads, causal=True, dropout_p=0.0):
-    # qkv: (B, T, 3C), the packed output of one Q|K|V projection  ->  (B, T, C)
-    # Split into heads as strided views (no copy), attend, and merge the heads back.
-    B, T, C3 = qkv.shape
-    if C3 % (3 * num_heads):
-        raise ValueError(f"multi-head attention: packed width {C3} is not 3 x num_heads ({num_heads}) x head size")
-    heads = qkv.reshape(B, T, 3, num_heads, C3 // (3 * num_heads)).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D)
-    out, cache = scaled_dot_product_attention_forward(heads[0], heads[1], heads[2], causal, dropout_p)
-    return out.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3), (cache, qkv.shape, num_heads)
-
-
-def multi_head_attention_backward(dout, cache):
-    # The split and the merge only move numbers, so their backward moves the gradients back.
-    attention_cache, (B, T, C3), num_heads = cache
-    D = C3 // (3 * num_heads)
-    dheads = dout.reshape(B, T, num_heads, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
-    dqkv = xp_of(dout).empty((B, T, 3, num_heads, D), dtype=dout.dtype)
-    for i, grad in enumerate(scaled_dot_product_attention_backward(dheads, attention_cache)):
-        dqkv[:, :, i] = grad.transpose(0, 2, 1, 3)
-    return (dqkv.reshape(B, T, C3),)
-
-
 # ---- dropout --------------------------------------------------------------------------------
 
 
@@ -424,7 +468,6 @@ _log_softmax = fused(log_softmax_forward, log_softmax_backward, "log_softmax")
 _cross_entropy = fused(cross_entropy_forward, cross_entropy_backward, "cross_entropy")
 _attention = fused(scaled_dot_product_attention_forward, scaled_dot_product_attention_backward,
                    "scaled_dot_product_attention")
-_multi_head_attention = fused(multi_head_attention_forward, multi_head_attention_backward, "multi_head_attention")
 _dropout = fused(dropout_forward, dropout_backward, "dropout")
 
 
@@ -447,11 +490,6 @@ def cross_entropy(logits, targets, ignore_index=-100):
 
 def scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.0):
     return _attention(q, k, v, causal=causal, dropout_p=dropout_p)
-
-
-def multi_head_attention(qkv, num_heads, causal=True, dropout_p=0.0):
-    """Attention over a packed (B, T, 3C) Q|K|V projection, heads split and merged inside: (B, T, C)."""
-    return _multi_head_attention(qkv, num_heads, causal=causal, dropout_p=dropout_p)
 
 
 def dropout(x, p, training=True):
