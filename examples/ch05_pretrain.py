@@ -16,7 +16,7 @@ import tinygrad_llm as tl
 from tinygrad_llm.data import create_dataloader_v1
 from tinygrad_llm.generate import generate, text_to_token_ids, token_ids_to_text
 from tinygrad_llm.tokenizers import get_gpt2_tokenizer
-from tinygrad_llm.train import plot_losses, train_model_simple
+from tinygrad_llm.train import calc_loss_loader, plot_losses, train_model_simple
 
 GPT_CONFIG_124M = {**tl.GPT_CONFIG_124M, "context_length": 256, "drop_rate": 0.1, "qkv_bias": False}
 
@@ -43,6 +43,10 @@ def main():
                                       stride=cfg["context_length"], drop_last=False, shuffle=False)
     model = tl.GPTModel(cfg).to(device=args.device)
     optimizer = tl.optim.AdamW(model.parameters(), lr=0.0004, weight_decay=0.1)
+
+    model.eval()  # section 5.1.3: the untrained model's losses, dropout off (the book: 10.988 and 10.981)
+    print(f"Before training: train loss {calc_loss_loader(train_loader, model, args.device):.3f}, "
+          f"val loss {calc_loss_loader(val_loader, model, args.device):.3f}")
 
     start = time.perf_counter()
     train_losses, val_losses, tokens_seen = train_model_simple(
