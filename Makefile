@@ -26,4 +26,4 @@ demo: $(VENV)/.installed
 		--prompt "Every effort moves you" --max-new-tokens 50
 
 bench: $(VENV)/.installed
-	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in benchmarks/*.py; do PYTHONPATH=. $(BIN)/python $$b || exit 1; done
