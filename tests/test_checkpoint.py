@@ -198,3 +198,16 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_readable(tmp_path):
     # Whichever complete checkpoint was last renamed into place, it is whole and readable.
     expected = previous if metadata["generation"] == "parent" else tl.GPTModel(cfg, seed=2)
     assert_same_weights(expected, loaded)
+
+
+def test_a_non_default_layer_norm_eps_survives_a_checkpoint(tmp_path):
+    # GPT-2 configs may set layer_norm_epsilon; the model keeps it in its config, and the
+    # checkpoint's config rebuilds the same arithmetic.
+    model = tl.GPTModel({**CFG, "layer_norm_eps": 1e-3}, dtype="float64", seed=0)
+    tl.save_checkpoint(tmp_path / "eps.safetensors", model)
+    restored, _ = model_from_checkpoint(tmp_path / "eps.safetensors")
+    assert {m.eps for _, m in restored.modules() if isinstance(m, tl.nn.LayerNorm)} == {1e-3}
+    # and the rebuilt model computes exactly what the saved one did
+    ids = np.array([[1, 2, 3]])
+    with tl.no_grad():
+        np.testing.assert_array_equal(restored.eval()(ids).numpy(), model.eval()(ids).numpy())

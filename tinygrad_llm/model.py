@@ -52,6 +52,11 @@ def check_config(cfg):
     return cfg
 
 
+def layer_norm_eps(cfg):
+    """The LayerNorms' eps: the optional config key "layer_norm_eps", else the book's (and GPT-2's) 1e-5."""
+    return cfg.get("layer_norm_eps", 1e-5)
+
+
 def parameter_counts(cfg, dtype="float32"):
     """Parameters of GPTModel(cfg) without building it: total, with the output head tied, and MB.
 
@@ -146,8 +151,8 @@ class TransformerBlock(Module):
         self.att = MultiHeadAttention(cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"], cfg["drop_rate"],
                                       cfg["n_heads"], cfg.get("qkv_bias", False), dtype=dtype, rng=rng)
         self.ff = FeedForward(cfg, dtype=dtype, rng=rng)
-        self.norm1 = LayerNorm(cfg["emb_dim"], dtype=dtype)
-        self.norm2 = LayerNorm(cfg["emb_dim"], dtype=dtype)
+        self.norm1 = LayerNorm(cfg["emb_dim"], eps=layer_norm_eps(cfg), dtype=dtype)
+        self.norm2 = LayerNorm(cfg["emb_dim"], eps=layer_norm_eps(cfg), dtype=dtype)
         self.drop_shortcut = Dropout(cfg["drop_rate"])
 
     def forward(self, x, cache=None, layer=0):
@@ -165,7 +170,7 @@ class GPTModel(Module):
         self.pos_emb = Embedding(cfg["context_length"], cfg["emb_dim"], dtype=dtype, rng=rng)
         self.drop_emb = Dropout(cfg["drop_rate"])
         self.trf_blocks = ModuleList(TransformerBlock(cfg, dtype=dtype, rng=rng) for _ in range(cfg["n_layers"]))
-        self.final_norm = LayerNorm(cfg["emb_dim"], dtype=dtype)
+        self.final_norm = LayerNorm(cfg["emb_dim"], eps=layer_norm_eps(cfg), dtype=dtype)
         self.out_head = Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False, dtype=dtype, rng=rng)
         if cfg.get("tie_weights", False):
             # GPT-2's own weight tying: the output head reuses the token embedding matrix.

@@ -21,8 +21,7 @@ import numpy as np
 
 from . import backend, datasets
 from .checkpoint import atomic_write
-from .model import GPT2_SIZES, GPTModel
-from .nn import LayerNorm
+from .model import GPT2_SIZES, GPTModel, layer_norm_eps
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -189,14 +188,8 @@ def book_config(hf_config, source=CONFIG_FILE):
         "drop_rate": hf_config.get("resid_pdrop", 0.1),
         "qkv_bias": True,
         "tie_weights": hf_config.get("tie_word_embeddings", True),
+        "layer_norm_eps": hf_config.get("layer_norm_epsilon", 1e-5),
     }
-
-
-def _set_layer_norm_eps(model, eps):
-    # GPTModel builds its LayerNorms with the book's eps (1e-5, as GPT-2's); a config may say otherwise.
-    for _, module in model.modules():
-        if isinstance(module, LayerNorm):
-            module.eps = eps
 
 
 def _weights_file(path):
@@ -233,7 +226,6 @@ def load_hf_gpt2(path_or_dir, dtype="float32"):
     config_path, weights_path = _weights_file(path_or_dir)
     hf_config = _read_config(config_path)
     model = GPTModel(book_config(hf_config, config_path), dtype=dtype, seed=0)  # seed 0: leave tl.manual_seed's stream alone
-    _set_layer_norm_eps(model, hf_config.get("layer_norm_epsilon", 1e-5))
     if weights_path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -243,13 +235,6 @@ def load_hf_gpt2(path_or_dir, dtype="float32"):
         state = _torch_load(weights_path)
         _load_tensors(model, list(state), lambda name: state[name].numpy(), weights_path)
     return model.eval()
-
-
-def _layer_norm_eps(model):
-    eps = {module.eps for _, module in model.modules() if isinstance(module, LayerNorm)}
-    if len(eps) != 1:
-        raise ValueError(f"the model's LayerNorms use different eps {sorted(eps)}; GPT-2 has one layer_norm_epsilon")
-    return eps.pop()
 
 
 def save_hf_gpt2(model, directory):
@@ -278,7 +263,7 @@ def save_hf_gpt2(model, directory):
         "n_embd": cfg["emb_dim"],
         "n_head": cfg["n_heads"],
         "n_layer": cfg["n_layers"],
-        "layer_norm_epsilon": _layer_norm_eps(model),
+        "layer_norm_epsilon": layer_norm_eps(model.cfg),
         "activation_function": "gelu_new",
         "resid_pdrop": cfg["drop_rate"],
         "embd_pdrop": cfg["drop_rate"],
