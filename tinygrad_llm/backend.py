@@ -100,12 +100,3 @@ def get_rng_state():
 
 def set_rng_state(state):
     _generator.bit_generator.state = state
-
-
-def random_like(rng, shape, dtype, device):
-    """Uniform [0, 1) numbers drawn on the host generator, moved to `device`.
-
-    Drawing on the host keeps one stream of random numbers for both backends, so a seed
-    gives the same dropout masks and samples on NumPy and CuPy.
-    """
-    return to_device(rng.random(shape, dtype=np.dtype(dtype)), device)
