@@ -10,6 +10,7 @@ tinygrad_llm is faster; the target is at most 1.5 for every op.
 
     python benchmarks/ops.py              # 7 runs per op
     python benchmarks/ops.py --runs 3     # quicker
+    python benchmarks/ops.py --only layer_norm softmax   # the ops whose names start so
 """
 import argparse
 import statistics
@@ -71,9 +72,11 @@ def timed_step(op, inputs, upstream):
     return time.perf_counter() - start
 
 
-def compare(rng, runs):
+def compare(rng, runs, only=None):
     rows = []
     for name, shape, ours, theirs, ours_inputs, torch_inputs in fused_ops(rng):
+        if only and not name.startswith(tuple(only)):
+            continue
         out_shape = ours(*ours_inputs).shape
         upstream = rng.standard_normal(out_shape, dtype=np.float32)
         torch_upstream = torch.from_numpy(upstream)
@@ -109,9 +112,10 @@ def matmul_gflops(runs, n=(512, 768, 3072)):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=7, help="timed runs per op and library (median reported)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="time only the ops whose names start so")
     args = parser.parse_args()
 
-    rows = compare(np.random.default_rng(0), args.runs)
+    rows = compare(np.random.default_rng(0), args.runs, args.only)
     print(f"fused ops, forward + backward, float32, median of {args.runs} runs "
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads; NumPy {np.__version__})")
     # The ratio of the fastest runs is printed too: on a machine that other work shares, the

@@ -33,6 +33,60 @@ def test_softmax_and_cross_entropy_survive_logits_of_magnitude_1e4(dtype):
     np.testing.assert_allclose(ours.grad, theirs.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
+# The softmax family shifts its inputs by 0, by one number or by each row's maximum,
+# whichever the values allow (functional._exp_shifted); each regime must give torch's answer.
+SHIFT_REGIMES = {
+    "within +-64: no shift": lambda z: z,
+    "all near 1000: one shift": lambda z: z + 1000.0,
+    "spread over 300: row maxima": lambda z: z * 100.0,
+    "some rows near -1000: row maxima": lambda z: z - 1000.0 * (np.arange(len(z)) % 2)[:, None],
+}
+
+
+@pytest.mark.parametrize("regime", SHIFT_REGIMES)
+def test_softmax_family_equals_torch_whatever_shift_the_values_allow(regime):
+    rng = np.random.default_rng(1)
+    logits = SHIFT_REGIMES[regime](rng.standard_normal((6, 9)))
+    targets = np.array([0, 3, 8, 1, 1, 5])
+    ours, theirs = pair(logits)
+    loss = F.cross_entropy(ours, targets) + (F.softmax(ours) * F.log_softmax(ours)).sum()
+    expected = (torch.nn.functional.cross_entropy(theirs, torch.tensor(targets))
+                + (torch.softmax(theirs, -1) * torch.log_softmax(theirs, -1)).sum())
+    loss.backward()
+    expected.backward()
+    # float64 with values up to 1000: log-probabilities keep ~13 digits.
+    np.testing.assert_allclose(loss.item(), expected.item(), rtol=1e-11)
+    np.testing.assert_allclose(ours.grad, theirs.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def attention_inputs(rng, regime):
+    """q, k, v of shape (2, 3, 8, 4) whose scores q k^T / 2 fall in the given regime."""
+    q, k, v = (rng.standard_normal((2, 3, 8, 4)) for _ in range(3))
+    if regime == "one shift":
+        q[..., 0] += 2000.0  # every score near 1000, within a few of each other
+        k[..., 0], k[..., 1:] = 1.0, k[..., 1:] * 0.1
+    elif regime == "row maxima":
+        q *= 40.0
+    return q, k, v
+
+
+@pytest.mark.parametrize("regime", ["no shift", "one shift", "row maxima"])
+def test_causal_attention_equals_torch_whatever_shift_the_scores_allow(regime):
+    # The masked (later) scores take part in the range tests: each regime must still give
+    # them exactly zero weight.
+    rng = np.random.default_rng(2)
+    ours, theirs = zip(*(pair(a) for a in attention_inputs(rng, regime)))
+    out = F.scaled_dot_product_attention(*ours)
+    expected = torch.nn.functional.scaled_dot_product_attention(*theirs, is_causal=True)
+    upstream = rng.standard_normal(out.shape)
+    out.backward(upstream)
+    expected.backward(torch.tensor(upstream))
+    # float64; scores near 1000 leave ~13 digits in the weights.
+    np.testing.assert_allclose(out.numpy(), expected.detach().numpy(), rtol=1e-10, atol=1e-10)
+    for mine, reference in zip(ours, theirs):
+        np.testing.assert_allclose(mine.grad, reference.grad.numpy(), rtol=1e-8, atol=1e-9)
+
+
 def test_layer_norm_of_constant_rows_gives_the_shift_and_finite_gradients():
     # Zero variance: eps alone keeps 1/sqrt(var + eps) finite (316 for eps = 1e-5).
     x = np.array([[2.5] * 8, [-1.0] * 8, [0.1] * 8])
