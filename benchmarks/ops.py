@@ -3,12 +3,19 @@
 Shapes are one training step's: batch 2, context 256, 768 channels, 12 heads of size 64,
 vocabulary 50257, all float32. Each op's inputs are made once; a timed run is the
 forward, the backward from a fixed upstream gradient, and nothing else (gradients are
-reset between runs, so accumulation is not timed). The two libraries alternate run by run
-in one process, so a change in the machine's load hits both alike, and the median of
-the runs is reported. torch keeps its default thread count. A ratio below 1 means
-tinygrad_llm is faster; the target is at most 1.5 for every op.
+reset between runs, so accumulation is not timed). torch keeps its default thread count.
+A ratio below 1 means tinygrad_llm is faster; the target is at most 1.5 for every op.
 
-    python benchmarks/ops.py              # 7 runs per op
+Both libraries run in one process, in blocks: a pause, a block of runs of ours, a pause, a
+block of torch's, three rounds, the first run of each block untimed; the median of the
+timed runs is reported. Rounds share a change in the machine's load between the two.
+Blocks rather than run-by-run alternation, because torch's OpenMP threads keep spinning
+for milliseconds after each op (libgomp's default wait policy) and take a core from
+whatever runs next: alternating run by run, the softmax measured 4.0 ms against 1.9 ms
+with torch's threads told to sleep (OMP_WAIT_POLICY=PASSIVE), torch itself unchanged.
+--run-by-run measures that way.
+
+    python benchmarks/ops.py              # 9 timed runs per op and library
     python benchmarks/ops.py --runs 3     # quicker
     python benchmarks/ops.py --only layer_norm softmax   # the ops whose names start so
 """
@@ -72,7 +79,18 @@ def timed_step(op, inputs, upstream):
     return time.perf_counter() - start
 
 
-def compare(rng, runs, only=None):
+ROUNDS = 3
+PAUSE_S = 0.05  # libgomp's threads spin for a few ms before they sleep
+
+
+def timed_block(op, inputs, upstream, runs):
+    """Seconds of `runs` consecutive runs after a pause and one untimed run."""
+    time.sleep(PAUSE_S)
+    timed_step(op, inputs, upstream)
+    return [timed_step(op, inputs, upstream) for _ in range(runs)]
+
+
+def compare(rng, runs, only=None, run_by_run=False):
     rows = []
     for name, shape, ours, theirs, ours_inputs, torch_inputs in fused_ops(rng):
         if only and not name.startswith(tuple(only)):
@@ -81,12 +99,17 @@ def compare(rng, runs, only=None):
         upstream = rng.standard_normal(out_shape, dtype=np.float32)
         torch_upstream = torch.from_numpy(upstream)
         ours_times, torch_times = [], []
-        for run in range(runs + 1):  # the first run of each warms caches and allocators, untimed
-            ours_time = timed_step(ours, ours_inputs, upstream)
-            torch_time = timed_step(theirs, torch_inputs, torch_upstream)
-            if run:
-                ours_times.append(ours_time)
-                torch_times.append(torch_time)
+        if run_by_run:
+            for run in range(runs + 1):  # the first run of each warms caches and allocators, untimed
+                ours_time = timed_step(ours, ours_inputs, upstream)
+                torch_time = timed_step(theirs, torch_inputs, torch_upstream)
+                if run:
+                    ours_times.append(ours_time)
+                    torch_times.append(torch_time)
+        else:
+            for _ in range(ROUNDS):
+                ours_times += timed_block(ours, ours_inputs, upstream, -(-runs // ROUNDS))
+                torch_times += timed_block(theirs, torch_inputs, torch_upstream, -(-runs // ROUNDS))
         rows.append((name, shape, ours_times, torch_times))
     return rows
 
@@ -111,12 +134,15 @@ def matmul_gflops(runs, n=(512, 768, 3072)):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=7, help="timed runs per op and library (median reported)")
+    parser.add_argument("--runs", type=int, default=9, help="timed runs per op and library (median reported)")
+    parser.add_argument("--run-by-run", action="store_true",
+                        help="alternate the libraries run by run instead of in blocks (see above)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="time only the ops whose names start so")
     args = parser.parse_args()
 
-    rows = compare(np.random.default_rng(0), args.runs, args.only)
-    print(f"fused ops, forward + backward, float32, median of {args.runs} runs "
+    rows = compare(np.random.default_rng(0), args.runs, args.only, args.run_by_run)
+    order = "alternating run by run" if args.run_by_run else f"in blocks, {ROUNDS} rounds"
+    print(f"fused ops, forward + backward, float32, median of {len(rows[0][2]) if rows else 0} runs {order} "
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads; NumPy {np.__version__})")
     # The ratio of the fastest runs is printed too: on a machine that other work shares, the
     # median can catch a busy spell that the best run of each library escaped.
