@@ -249,6 +249,18 @@ def test_seed_argument_fixes_the_initial_weights():
     assert not np.array_equal(first.tok_emb.weight.data, other.tok_emb.weight.data)
 
 
+
+def test_a_model_built_to_be_loaded_draws_nothing_and_loads_every_weight():
+    # init_weights=False is what the loaders use: no random draws (seconds at 124M), and
+    # nothing of the unfilled memory may survive a load.
+    source = tl.GPTModel(tiny_config(), seed=3)
+    tl.manual_seed(5)
+    before = tl.get_rng_state()
+    empty = tl.GPTModel(tiny_config(), init_weights=False)
+    assert tl.get_rng_state() == before
+    empty.load_state_dict(source.state_dict())
+    for (name, a), b in zip(source.state_dict().items(), empty.state_dict().values()):
+        np.testing.assert_array_equal(a, b, err_msg=name)
 # ---- parameter counts --------------------------------------------------------------------
 
 

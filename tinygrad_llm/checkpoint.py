@@ -94,7 +94,7 @@ def model_from_checkpoint(path, dtype=None):
     info = read_checkpoint(path)
     if dtype is None:
         dtype = info["tensors"]["model.tok_emb.weight"][1]
-    model = GPTModel(info["config"], dtype=dtype, seed=0)  # seed: don't consume the caller's generator
+    model = GPTModel(info["config"], dtype=dtype, init_weights=False)  # loaded next; draws nothing
     return model, load_checkpoint(path, model)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import backend
 from . import functional as F
-from .nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Sequential
+from .nn import UNFILLED, GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Sequential
 from .tensor import Tensor
 
 GPT_CONFIG_124M = {
@@ -161,11 +161,15 @@ class TransformerBlock(Module):
 
 
 class GPTModel(Module):
-    def __init__(self, cfg, dtype="float32", seed=None):
+    def __init__(self, cfg, dtype="float32", seed=None, init_weights=True):
         self.cfg = dict(check_config(cfg))
         dtype = backend.as_dtype(dtype)
         # seed=None draws from tl.manual_seed's generator; a seed gives the same weights every time.
-        rng = backend.generator() if seed is None else np.random.default_rng(seed)
+        # init_weights=False draws nothing and leaves the weights unfilled, for loading them next.
+        if not init_weights:
+            rng = UNFILLED
+        else:
+            rng = backend.generator() if seed is None else np.random.default_rng(seed)
         self.tok_emb = Embedding(cfg["vocab_size"], cfg["emb_dim"], dtype=dtype, rng=rng)
         self.pos_emb = Embedding(cfg["context_length"], cfg["emb_dim"], dtype=dtype, rng=rng)
         self.drop_emb = Dropout(cfg["drop_rate"])

@@ -225,7 +225,7 @@ def load_hf_gpt2(path_or_dir, dtype="float32"):
     """
     config_path, weights_path = _weights_file(path_or_dir)
     hf_config = _read_config(config_path)
-    model = GPTModel(book_config(hf_config, config_path), dtype=dtype, seed=0)  # seed 0: leave tl.manual_seed's stream alone
+    model = GPTModel(book_config(hf_config, config_path), dtype=dtype, init_weights=False)  # loaded next
     if weights_path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -295,7 +295,7 @@ def load_book_state_dict(model_or_cfg, path, dtype="float32"):
     state = _torch_load(path)
     if isinstance(state, dict) and "model_state_dict" in state:
         state = state["model_state_dict"]
-    model = model_or_cfg if isinstance(model_or_cfg, GPTModel) else GPTModel(model_or_cfg, dtype=dtype, seed=0)
+    model = model_or_cfg if isinstance(model_or_cfg, GPTModel) else GPTModel(model_or_cfg, dtype=dtype, init_weights=False)
     return model.load_state_dict(state).eval()
 
 
