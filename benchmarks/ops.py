@@ -11,9 +11,9 @@ block of torch's, three rounds, the first run of each block untimed; the median 
 timed runs is reported. Rounds share a change in the machine's load between the two.
 Blocks rather than run-by-run alternation, because torch's OpenMP threads keep spinning
 for milliseconds after each op (libgomp's default wait policy) and take a core from
-whatever runs next: alternating run by run, the softmax measured 4.0 ms against 1.9 ms
-with torch's threads told to sleep (OMP_WAIT_POLICY=PASSIVE), torch itself unchanged.
---run-by-run measures that way.
+whatever runs next: alternating run by run, our softmax measured 4.0 ms, and 1.9 ms with
+torch's threads told to sleep (OMP_WAIT_POLICY=PASSIVE, which slows torch's own softmax
+from 1.1 to 1.2-1.3 ms, so it is not used here). --run-by-run measures the old way.
 
     python benchmarks/ops.py              # 9 timed runs per op and library
     python benchmarks/ops.py --runs 3     # quicker
