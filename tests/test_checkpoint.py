@@ -211,3 +211,16 @@ def test_a_non_default_layer_norm_eps_survives_a_checkpoint(tmp_path):
     ids = np.array([[1, 2, 3]])
     with tl.no_grad():
         np.testing.assert_array_equal(restored.eval()(ids).numpy(), model.eval()(ids).numpy())
+
+
+def test_a_tied_head_is_stored_once_and_tied_again(tmp_path):
+    # GPT-2 ties its output head to the token embedding: a checkpoint keeps that matrix once
+    # (50257 x 768 floats at 124M), and the loaded model shares it again.
+    model = tl.GPTModel({**CFG, "tie_weights": True}, dtype="float64", seed=0)
+    optimizer = tl.optim.AdamW(model.parameters(), lr=1e-2)
+    train_step(model, optimizer)
+    tl.save_checkpoint(tmp_path / "tied.safetensors", model, optimizer)
+    assert "model.out_head.weight" not in read_checkpoint(tmp_path / "tied.safetensors")["tensors"]
+    loaded, _ = model_from_checkpoint(tmp_path / "tied.safetensors", dtype="float64")
+    assert loaded.out_head.weight is loaded.tok_emb.weight
+    assert_same_weights(model, loaded)

@@ -27,12 +27,16 @@ VERSION = "1"
 ARCHITECTURE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")
 # safetensors' dtype names of the arrays a checkpoint holds, as NumPy names.
 NUMPY_DTYPES = {"F32": "float32", "F64": "float64"}
+TIED_HEAD = "out_head.weight"  # with tie_weights, the same array as tok_emb.weight
 
 
 def save_checkpoint(path, model, optimizer=None, **metadata):
     """Write model weights, config, optimizer state, rng state and `metadata` (JSON-able) to `path`."""
     path = os.fspath(path)
-    tensors = {f"model.{name}": np.ascontiguousarray(array) for name, array in model.state_dict().items()}
+    state = model.state_dict()
+    if model.cfg.get("tie_weights", False):
+        del state[TIED_HEAD]  # the token embedding itself: stored once, tied again on loading
+    tensors = {f"model.{name}": np.ascontiguousarray(array) for name, array in state.items()}
     header = {
         "format": FORMAT,
         "version": VERSION,
@@ -56,7 +60,10 @@ def load_checkpoint(path, model, optimizer=None):
     with _open(path) as f:
         header = f.metadata()
         _check_config(path, json.loads(header["config"]), model.cfg)
-        model.load_state_dict({name[len("model."):]: f.get_tensor(name) for name in f.keys() if name.startswith("model.")})
+        state = {name[len("model."):]: f.get_tensor(name) for name in f.keys() if name.startswith("model.")}
+        if model.cfg.get("tie_weights", False) and TIED_HEAD not in state and "tok_emb.weight" in state:
+            state[TIED_HEAD] = state["tok_emb.weight"]
+        model.load_state_dict(state)
         if optimizer is not None:
             if "optimizer" not in header:
                 raise ValueError(f"{path} holds no optimizer state (it was saved with optimizer=None)")
