@@ -229,17 +229,21 @@ def _gelu_backward_block(x, t, dout, dx):
 
 
 def _over_rows(fn, axis, *arrays):
-    """fn(*row_blocks) with `axis` moved last, over blocks of rows on every core.
+    """out shaped like the last array, written by fn(*row_blocks, out_block) with `axis`
+    moved last, over blocks of rows on every core.
 
     The functions below reduce along the last axis, so rows are independent. When that
     axis is not the contiguous last one the whole array is one block.
     """
     xp = xp_of(arrays[0])
-    moved = [xp.moveaxis(a, axis, -1) for a in arrays]
+    out = xp.empty_like(arrays[-1])
+    moved = [xp.moveaxis(a, axis, -1) for a in (*arrays, out)]
     if not all(m.flags.c_contiguous for m in moved):
-        return fn(*moved)
+        fn(*moved)
+        return out
     rows = [m.reshape(-1, m.shape[-1]) for m in moved]
     cpu.parallel_map(fn, [tuple(r[block] for r in rows) for block in cpu.row_blocks(*rows[0].shape, xp)])
+    return out
 
 
 _EXP_RANGE = 64.0  # e^64 ~ 6e27 and e^-64 ~ 2e-28: normal numbers even in float32
@@ -280,8 +284,7 @@ def _exp_shifted(x, out, bias=None, allowed=None):
 
 def softmax_forward(x, axis=-1):
     check_float(x, "softmax")
-    out = xp_of(x).empty_like(x)
-    _over_rows(_softmax_rows, axis, x, out)
+    out = _over_rows(_softmax_rows, axis, x)
     return out, (out, axis)
 
 
@@ -292,9 +295,7 @@ def _softmax_rows(x, out):
 
 def softmax_backward(dout, cache):
     y, axis = cache
-    dx = xp_of(y).empty_like(y)
-    _over_rows(_softmax_backward_rows, axis, dout, y, dx)
-    return (dx,)
+    return (_over_rows(_softmax_backward_rows, axis, dout, y),)
 
 
 def _softmax_backward_rows(dout, y, dx):
@@ -307,23 +308,23 @@ def _softmax_backward_rows(dout, y, dx):
 
 def log_softmax_forward(x, axis=-1):
     check_float(x, "log_softmax")
-    out = xp_of(x).empty_like(x)
-    _over_rows(_log_softmax_rows, axis, x, out)
+    out = _over_rows(_log_softmax_rows, axis, x)
     return out, (out, axis)
 
 
+def _logsumexp(x, scratch):
+    # logsumexp(x) = shift + log(sum(exp(x - shift))) per row, as (..., 1); scratch takes the exps
+    return _exp_shifted(x, scratch) + xp_of(x).log(_row_sums(scratch)[..., None])
+
+
 def _log_softmax_rows(x, out):
-    # log softmax(x) = x - logsumexp(x), with logsumexp(x) = shift + log(sum(exp(x - shift)))
-    xp = xp_of(x)
-    shift = _exp_shifted(x, out)
-    xp.subtract(x, (shift + xp.log(_row_sums(out)[..., None])), out=out)
+    # log softmax(x) = x - logsumexp(x)
+    xp_of(x).subtract(x, _logsumexp(x, out), out=out)
 
 
 def log_softmax_backward(dout, cache):
     y, axis = cache
-    dx = xp_of(y).empty_like(y)
-    _over_rows(_log_softmax_backward_rows, axis, dout, y, dx)
-    return (dx,)
+    return (_over_rows(_log_softmax_backward_rows, axis, dout, y),)
 
 
 def _log_softmax_backward_rows(dout, y, dx):
@@ -338,19 +339,17 @@ def _log_softmax_backward_rows(dout, y, dx):
 
 
 def _logsumexp_rows(z, out):
-    # out[i] = log(sum(exp(z[i]))) = shift + log(sum(exp(z[i] - shift)))
-    e = xp_of(z).empty_like(z)
-    shift = _exp_shifted(z, e)
-    out[...] = (shift + xp_of(z).log(_row_sums(e)[:, None]))[:, 0]
+    out[...] = _logsumexp(z, xp_of(z).empty_like(z))[:, 0]
 
 
 def _cross_entropy_grad_rows(z, lse, targets, weight, out):
-    # out[i] = (softmax(z[i]) - onehot(targets[i])) * weight[i], with softmax(z) = exp(z - lse);
-    # exp(z - lse) * weight = exp(z - shift) * (weight * exp(shift - lse)): one pass per row fewer
+    # out[i] = (softmax(z[i]) - onehot(targets[i])) * weight[i], with softmax(z) = exp(z - lse):
+    # z - lse <= 0 and the row's maximum gives at least exp(-log V), so exp() is safe as it is.
     xp = xp_of(z)
-    shift = _exp_shifted(z, out)
-    out *= weight[:, None] * xp.exp(shift - lse[:, None])
-    out[xp.arange(len(out)), targets] -= weight
+    xp.subtract(z, lse[:, None], out=out)
+    xp.exp(out, out=out)
+    out[xp.arange(len(out)), targets] -= 1.0
+    out *= weight[:, None]
 
 
 def cross_entropy_forward(logits, targets, ignore_index=-100):
