@@ -16,10 +16,9 @@ def pair(array):
 # ---- numerical stability -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_softmax_and_cross_entropy_survive_logits_of_magnitude_1e4(dtype):
-    # exp(1e4) overflows even float64: only subtracting the row maximum keeps these finite.
-    logits = (np.random.default_rng(0).standard_normal((6, 9)) * 1e4).astype(dtype)
+def softmax_family_against_torch(logits):
+    """(loss, d loss / d logits) of cross_entropy + sum(softmax * log_softmax) over (6, 9)
+    logits, ours and then torch's."""
     targets = np.array([0, 3, 8, 1, 1, 5])
     ours, theirs = pair(logits)
     loss = F.cross_entropy(ours, targets) + (F.softmax(ours) * F.log_softmax(ours)).sum()
@@ -27,10 +26,18 @@ def test_softmax_and_cross_entropy_survive_logits_of_magnitude_1e4(dtype):
                 + (torch.softmax(theirs, -1) * torch.log_softmax(theirs, -1)).sum())
     loss.backward()
     expected.backward()
-    assert np.isfinite(loss.item()) and np.isfinite(ours.grad).all()
+    return loss.item(), ours.grad, expected.item(), theirs.grad.numpy()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_softmax_and_cross_entropy_survive_logits_of_magnitude_1e4(dtype):
+    # exp(1e4) overflows even float64: only subtracting the row maximum keeps these finite.
+    logits = (np.random.default_rng(0).standard_normal((6, 9)) * 1e4).astype(dtype)
+    loss, grad, expected_loss, expected_grad = softmax_family_against_torch(logits)
+    assert np.isfinite(loss) and np.isfinite(grad).all()
     # Losses of order 1e4 in float32 keep ~7 digits.
-    np.testing.assert_allclose(loss.item(), expected.item(), rtol=1e-6)
-    np.testing.assert_allclose(ours.grad, theirs.grad.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
 
 
 # The softmax family shifts its inputs by 0, by one number or by each row's maximum,
@@ -45,18 +52,11 @@ SHIFT_REGIMES = {
 
 @pytest.mark.parametrize("regime", SHIFT_REGIMES)
 def test_softmax_family_equals_torch_whatever_shift_the_values_allow(regime):
-    rng = np.random.default_rng(1)
-    logits = SHIFT_REGIMES[regime](rng.standard_normal((6, 9)))
-    targets = np.array([0, 3, 8, 1, 1, 5])
-    ours, theirs = pair(logits)
-    loss = F.cross_entropy(ours, targets) + (F.softmax(ours) * F.log_softmax(ours)).sum()
-    expected = (torch.nn.functional.cross_entropy(theirs, torch.tensor(targets))
-                + (torch.softmax(theirs, -1) * torch.log_softmax(theirs, -1)).sum())
-    loss.backward()
-    expected.backward()
+    logits = SHIFT_REGIMES[regime](np.random.default_rng(1).standard_normal((6, 9)))
+    loss, grad, expected_loss, expected_grad = softmax_family_against_torch(logits)
     # float64 with values up to 1000: log-probabilities keep ~13 digits.
-    np.testing.assert_allclose(loss.item(), expected.item(), rtol=1e-11)
-    np.testing.assert_allclose(ours.grad, theirs.grad.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-11)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-9, atol=1e-12)
 
 
 def attention_inputs(rng, regime):
