@@ -1,0 +1,38 @@
+"""The `tinygrad-llm` command line (also `python -m tinygrad_llm`).
+
+One module per subcommand. Each holds a pair of functions: `add_<name>(subparsers)` declares
+its options and `run_<name>(args)` does the work through the Python API (train, generate,
+checkpoint), so the command line adds no behaviour of its own and a new subcommand is one
+more module and one more entry in SUBCOMMANDS.
+"""
+import argparse
+import sys
+
+from ..datasets import DownloadError
+from . import generate, gpt2, info, pretrain
+
+SUBCOMMANDS = (pretrain.add_pretrain, generate.add_generate, gpt2.add_import_gpt2, info.add_info)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="tinygrad-llm", description="Train and run a GPT built from scratch on NumPy.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        # Errors at the boundary (a bad checkpoint, token id or option) already name the problem.
+        print(f"tinygrad-llm {args.command}: {error}", file=sys.stderr)
+        return 2
+    except DownloadError as error:
+        print(f"tinygrad-llm {args.command}: {error}\n(data sets download on first use, which needs a network; "
+              "offline, point TINYGRAD_LLM_DATA at a folder holding the files)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

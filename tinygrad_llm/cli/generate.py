@@ -1,0 +1,56 @@
+"""`tinygrad-llm generate`: continue a prompt, streaming the text."""
+import numpy as np
+
+from .. import backend
+from ..checkpoint import model_from_checkpoint
+from ..generate import generate_stream, text_to_token_ids
+from .common import START_CONTEXT, get_tokenizer, load_openai_gpt2
+
+
+def add_generate(subparsers):
+    p = subparsers.add_parser("generate", help="continue a prompt with a trained model (streams the text)",
+                              description="Continue --prompt with the model in --checkpoint or OpenAI's GPT-2 "
+                                          "(--model), printing the text as it is generated. Temperature 0 is "
+                                          "greedy; otherwise top-k, then top-p, then temperature shape the "
+                                          "distribution sampled from.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a checkpoint written by pretrain or import-gpt2")
+    which.add_argument("--model", metavar="SIZE|DIR",
+                       help="OpenAI's GPT-2: gpt2-small ... gpt2-xl or 124M ... 1558M (downloaded on first use, "
+                            "which needs a network) or a Hugging Face folder")
+    p.add_argument("--prompt", default=START_CONTEXT, help=f"the text to continue (default {START_CONTEXT!r})")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability")
+    p.add_argument("--seed", type=int, help="seed of the sampling (default: a fresh random one)")
+    p.add_argument("--device", choices=backend.DEVICES, default=backend.default_device())
+    p.set_defaults(run=run_generate)
+
+
+def load_generation_model(args):
+    """(model, tokenizer) for the generate subcommand."""
+    if args.model is not None:
+        model = load_openai_gpt2(args.model)
+    else:
+        model, _ = model_from_checkpoint(args.checkpoint)
+    return model.to(device=args.device), get_tokenizer()
+
+
+def run_generate(args):
+    model, tokenizer = load_generation_model(args)
+    prompt = text_to_token_ids(args.prompt, tokenizer)
+    # Loading the checkpoint restored the training run's generator: without --seed, sample afresh.
+    seed = np.random.SeedSequence().entropy if args.seed is None else args.seed
+    print(args.prompt, end="", flush=True)
+    generated, shown = [], ""
+    for token in generate_stream(model, prompt, args.max_new_tokens, model.cfg["context_length"],
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed):
+        generated.append(int(token[0]))
+        text = tokenizer.decode(generated)
+        # A multi-byte character can span tokens: wait until it is complete before printing.
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(tokenizer.decode(generated)[len(shown):])
+    return 0

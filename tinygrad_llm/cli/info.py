@@ -1,0 +1,41 @@
+"""`tinygrad-llm info`: describe a checkpoint without loading its weights."""
+import json
+import math
+
+import numpy as np
+
+from ..checkpoint import read_checkpoint
+from ..model import parameter_counts
+
+
+def add_info(subparsers):
+    p = subparsers.add_parser("info", help="describe a checkpoint: config, parameters, memory, training state",
+                              description="Print a checkpoint's model config, parameter counts, memory and "
+                                          "training progress without loading the weights.")
+    p.add_argument("--checkpoint", required=True)
+    p.set_defaults(run=run_info)
+
+
+def run_info(args):
+    info = read_checkpoint(args.checkpoint)
+    cfg, tensors = info["config"], info["tensors"]
+    counts = parameter_counts(cfg)
+    model_bytes = sum(_nbytes(shape, dtype) for name, (shape, dtype) in tensors.items() if name.startswith("model."))
+    optimizer_bytes = sum(_nbytes(shape, dtype) for name, (shape, dtype) in tensors.items() if name.startswith("optimizer."))
+    print(f"checkpoint  {args.checkpoint} ({info['file_bytes'] / 2**20:.1f} MiB)")
+    print("config      " + json.dumps(cfg))
+    print(f"parameters  {counts['total']:,} ({counts['tied']:,} without the output head, as GPT-2 ties it)")
+    print(f"memory      weights {model_bytes / 2**20:.1f} MiB, optimizer state {optimizer_bytes / 2**20:.1f} MiB"
+          + (f" ({info['optimizer']['type']})" if info["optimizer"] else ""))
+    state = info["metadata"].get("train_state")
+    if state:
+        history = state["history"]
+        last = (f"; last train loss {history['train_losses'][-1]:.3f}, val loss {history['val_losses'][-1]:.3f}"
+                if history["train_losses"] else "")
+        print(f"training    step {state['step']}, epoch {state['epoch']} + {state['batch']} batches, "
+              f"{state['tokens_seen']:,} tokens seen{last}")
+    return 0
+
+
+def _nbytes(shape, dtype):
+    return math.prod(shape) * np.dtype(dtype).itemsize

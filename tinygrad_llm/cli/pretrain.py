@@ -1,0 +1,125 @@
+"""`tinygrad-llm pretrain`: the book's chapter 5 run from a terminal."""
+import os
+import sys
+import time
+
+from .. import backend
+from ..checkpoint import read_checkpoint
+from ..model import GPTModel, parameter_counts
+from ..optim import AdamW
+from ..train import TrainingDivergedError, perplexity, plot_losses, train_model_simple
+from .common import CHECKPOINT_NAME, PLOT_NAME, START_CONTEXT, get_tokenizer, model_config, read_text
+
+# pretrain's settings and their defaults (the book's chapter 5 run, on the tiny model).
+PRETRAIN_DEFAULTS = {
+    "data": "the-verdict", "config": "tiny", "epochs": 10, "batch_size": 2, "context_length": None,
+    "lr": 4e-4, "weight_decay": 0.1, "warmup": 0, "cosine": False, "min_lr": 0.0, "grad_clip": None,
+    "train_ratio": 0.9, "eval_freq": 5, "eval_iter": 5, "seed": 123,
+}
+
+
+def add_pretrain(subparsers):
+    p = subparsers.add_parser(
+        "pretrain", help="train a GPT from scratch on a text (the book's chapter 5)",
+        description="Train a GPT on a text with AdamW, printing train/val loss and perplexity every "
+                    "--eval-freq steps and a sample after each epoch. The checkpoint (weights, optimizer, "
+                    "random state, data position) is written to OUT/checkpoint.safetensors after every "
+                    "epoch and on Ctrl-C; --resume continues it bit for bit.")
+    d = PRETRAIN_DEFAULTS
+    # Defaults are applied later, so --resume can tell a flag given on the command line from a default.
+    p.add_argument("--data", help=f"a registered data set or a text file (default {d['data']})")
+    p.add_argument("--config", help="tiny, gpt2-small, gpt2-medium, gpt2-large, gpt2-xl, 124M, ... or FILE.json "
+                                    f"(default {d['config']})")
+    p.add_argument("--epochs", type=int, help=f"default {d['epochs']}")
+    p.add_argument("--batch-size", type=int, help=f"default {d['batch_size']}")
+    p.add_argument("--context-length", type=int,
+                   help="tokens per training window (the loader's max_length = stride) and the model's context "
+                        "(default: the config's)")
+    p.add_argument("--lr", type=float, help=f"AdamW's (peak) learning rate (default {d['lr']})")
+    p.add_argument("--weight-decay", type=float, help=f"default {d['weight_decay']}")
+    p.add_argument("--warmup", type=int, help="linear learning-rate warmup steps (default 0)")
+    p.add_argument("--cosine", action="store_const", const=True, help="cosine decay of the learning rate to --min-lr")
+    p.add_argument("--min-lr", type=float, help="the learning rate at the end of the cosine decay (default 0)")
+    p.add_argument("--grad-clip", type=float, help="clip the gradients' global L2 norm to this (default off)")
+    p.add_argument("--train-ratio", type=float, help=f"share of the text used for training (default {d['train_ratio']})")
+    p.add_argument("--eval-freq", type=int, help=f"evaluate every this many steps (default {d['eval_freq']})")
+    p.add_argument("--eval-iter", type=int, help=f"batches per evaluation (default {d['eval_iter']})")
+    p.add_argument("--seed", type=int, help=f"seeds initialisation, shuffling and dropout (default {d['seed']})")
+    p.add_argument("--out", required=True, help="folder for the checkpoint and the plot")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in OUT with its saved settings")
+    p.add_argument("--plot", action="store_true", help=f"write the loss plot to OUT/{PLOT_NAME}")
+    p.add_argument("--device", choices=backend.DEVICES, default=backend.default_device())
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_pretrain)
+
+
+def pretrain_settings(args, checkpoint):
+    """The run's settings: the defaults overridden by the flags given, or with --resume the saved ones."""
+    given = {key: getattr(args, key) for key in PRETRAIN_DEFAULTS if getattr(args, key) is not None}
+    if not args.resume:
+        settings = {**PRETRAIN_DEFAULTS, **given}
+        settings["config"] = model_config(settings["config"])
+        if settings["context_length"] is not None:
+            settings["config"]["context_length"] = settings["context_length"]
+        settings["context_length"] = settings["config"]["context_length"]
+        return settings
+    if not os.path.isfile(checkpoint):
+        raise SystemExit(f"--resume: there is no checkpoint {checkpoint} to continue")
+    settings = read_checkpoint(checkpoint)["metadata"].get("run")
+    if settings is None:
+        raise SystemExit(f"--resume: {checkpoint} was not written by pretrain, so there is no run to continue")
+    if "config" in given:
+        given["config"] = {**model_config(given["config"]), "context_length": settings["context_length"]}
+    conflicts = [f"--{key.replace('_', '-')} ({value!r}, saved {settings[key]!r})"
+                 for key, value in given.items() if settings[key] != value]
+    if conflicts:
+        raise SystemExit(f"--resume continues the saved run unchanged, but these flags differ from it: "
+                         f"{', '.join(conflicts)}")
+    return settings
+
+
+def run_pretrain(args):
+    from ..data import create_dataloader_v1
+
+    checkpoint = os.path.join(args.out, CHECKPOINT_NAME)
+    s = pretrain_settings(args, checkpoint)
+    text = read_text(s["data"])
+    split = int(s["train_ratio"] * len(text))
+    backend.manual_seed(s["seed"])
+    model = GPTModel(s["config"]).to(device=args.device)
+    tokenizer = get_tokenizer()
+    loader = dict(batch_size=s["batch_size"], max_length=s["context_length"], stride=s["context_length"])
+    train_loader = create_dataloader_v1(text[:split], shuffle=True, drop_last=True, **loader)
+    val_loader = create_dataloader_v1(text[split:], shuffle=False, drop_last=False, **loader)
+    optimizer = AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+    counts = parameter_counts(s["config"])
+    print(f"{'Resuming' if args.resume else 'Training'} a {counts['total']:,}-parameter GPT on {s['data']} "
+          f"({len(train_loader)} batches of {s['batch_size']}x{s['context_length']} tokens per epoch, "
+          f"{s['epochs']} epochs) -> {checkpoint}")
+
+    started = time.perf_counter()
+    try:
+        train_losses, val_losses, tokens_seen = train_model_simple(
+            model, train_loader, val_loader, optimizer, args.device, s["epochs"], s["eval_freq"], s["eval_iter"],
+            START_CONTEXT, tokenizer, warmup_steps=s["warmup"], cosine_decay=s["cosine"], min_lr=s["min_lr"],
+            grad_clip=s["grad_clip"], checkpoint_path=checkpoint, resume=args.resume,
+            checkpoint_metadata={"run": s, "tokenizer": "gpt2"}, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted: the checkpoint {checkpoint} holds the last finished step; continue with\n"
+              f"  tinygrad-llm pretrain --out {args.out} --resume", file=sys.stderr)
+        return 130
+    except TrainingDivergedError as error:
+        print(error, file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - started
+
+    if train_losses:
+        print(f"Final: train loss {train_losses[-1]:.3f} (ppl {perplexity(train_losses[-1]):.1f}), "
+              f"val loss {val_losses[-1]:.3f} (ppl {perplexity(val_losses[-1]):.1f}); "
+              f"{tokens_seen[-1]:,} tokens seen; this session {seconds:.1f} s")
+    print(f"Checkpoint: {checkpoint}")
+    if args.plot and train_losses:
+        tokens_per_epoch = len(train_loader) * s["batch_size"] * s["context_length"]
+        epochs_seen = [tokens / tokens_per_epoch for tokens in tokens_seen]
+        print(f"Loss plot: {plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, os.path.join(args.out, PLOT_NAME))}")
+    return 0
