@@ -299,6 +299,14 @@ def cross_entropy_cases(draw):
 
 
 @st.composite
+def token_log_probs_cases(draw):
+    vocab = draw(st.integers(2, 6))
+    positions = draw(shapes(0, 2))
+    targets = draw(hnp.arrays(np.int64, positions, elements=st.integers(0, vocab - 1)))
+    return Case((draw(values(positions + (vocab,), -20.0, 20.0)), targets))
+
+
+@st.composite
 def attention_cases(draw, dropout=(0.0, 0.0, 0.1, 0.5)):
     batch, heads, t_query, head_size = (draw(st.integers(1, n)) for n in (2, 2, 5, 4))
     causal = draw(st.booleans())
@@ -377,6 +385,10 @@ def _torch_cross_entropy(logits, targets, ignore_index):
                                              ignore_index=ignore_index)
 
 
+def _torch_token_log_probs(logits, targets):
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 def _torch_attention(q, k, v, causal, dropout_p, seed):
     keep = None
     if dropout_p:
@@ -442,6 +454,10 @@ OPS = [
     Op("log_softmax", lambda x, axis: F.log_softmax(x, axis=axis), lambda x, axis: torch.log_softmax(x, dim=axis),
        softmax_cases(), F64_FUSED, F32_FUSED),
     Op("cross_entropy", F.cross_entropy, _torch_cross_entropy, cross_entropy_cases(), F64_FUSED, F32_FUSED),
+    Op("token_log_probs", F.token_log_probs, _torch_token_log_probs, token_log_probs_cases(), F64_FUSED, F32_FUSED),
+    # Values out to +-40 reach where a naive log(sigmoid(x)) underflows to log(0) in float32.
+    Op("log_sigmoid", F.log_sigmoid, torch.nn.functional.logsigmoid, unary(lambda s: values(s, -40.0, 40.0)),
+       F64_ELEMENTWISE, F32_ELEMENTWISE),
     Op("scaled_dot_product_attention",
        lambda q, k, v, causal, dropout_p, seed: seeded(
            lambda: F.scaled_dot_product_attention(q, k, v, causal=causal, dropout_p=dropout_p), seed),

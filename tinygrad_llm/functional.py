@@ -389,6 +389,57 @@ def cross_entropy_backward(dout, cache):
     return dz.reshape(logits.shape), None
 
 
+def token_log_probs_forward(logits, targets):
+    # logits: (N..., V)  targets: (N...) integers  ->  (N...) log softmax(logits)[target] per position.
+    # Cross-entropy without the mean: log p(t) = z[t] - logsumexp(z). Only (N,) numbers are
+    # kept, never the (N, V) log-probabilities a log_softmax and a gather would store.
+    check_float(logits, "token_log_probs")
+    xp = xp_of(logits)
+    targets = targets.data if isinstance(targets, Tensor) else xp.asarray(targets)
+    vocab = logits.shape[-1]
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"token_log_probs: targets of shape {targets.shape} do not match logits of shape "
+                         f"{logits.shape} (expected {logits.shape[:-1]})")
+    z, t = logits.reshape(-1, vocab), check_token_ids(targets.reshape(-1), vocab, what="target")
+    lse = xp.empty(z.shape[0], z.dtype)
+    cpu.parallel_map(_logsumexp_rows, [(z[rows], lse[rows]) for rows in cpu.row_blocks(*z.shape, xp)])
+    out = z[xp.arange(z.shape[0]), t] - lse
+    return out.reshape(targets.shape), (logits, lse, t)
+
+
+def token_log_probs_backward(dout, cache):
+    # d log p(t) / dz = onehot(t) - softmax(z) = -(softmax(z) - onehot(t)): the cross-entropy
+    # gradient rows, weighted by -dout per position.
+    logits, lse, targets = cache
+    xp = xp_of(logits)
+    z = logits.reshape(-1, logits.shape[-1])
+    weight = -dout.reshape(-1).astype(z.dtype)
+    dz = xp.empty_like(z)
+    cpu.parallel_map(_cross_entropy_grad_rows, [(z[rows], lse[rows], targets[rows], weight[rows], dz[rows])
+                                                for rows in cpu.row_blocks(*z.shape, xp)])
+    return dz.reshape(logits.shape), None
+
+
+# ---- log-sigmoid ----------------------------------------------------------------------------
+
+
+def log_sigmoid_forward(x):
+    # log sigmoid(x) = -log(1 + e^-x) = min(x, 0) - log(1 + e^-|x|): the exponent is never
+    # positive, so nothing overflows, and log1p keeps the tiny values for large |x|.
+    check_float(x, "log_sigmoid")
+    xp = xp_of(x)
+    e = xp.exp(-xp.abs(x))  # (N...) in (0, 1]
+    return xp.minimum(x, 0) - xp.log1p(e), (x, e)
+
+
+def log_sigmoid_backward(dout, cache):
+    # d/dx log sigmoid(x) = 1 - sigmoid(x) = sigmoid(-x), with e = e^-|x|:
+    #   x >= 0: e^-x / (1 + e^-x) = e / (1 + e);   x < 0: 1 / (1 + e^x) = 1 / (1 + e)
+    x, e = cache
+    xp = xp_of(x)
+    return (dout * xp.where(x >= 0, e, 1.0) / (1.0 + e),)
+
+
 # ---- attention ------------------------------------------------------------------------------
 
 
@@ -517,6 +568,8 @@ gelu = fused(gelu_forward, gelu_backward, "gelu")
 _softmax = fused(softmax_forward, softmax_backward, "softmax")
 _log_softmax = fused(log_softmax_forward, log_softmax_backward, "log_softmax")
 _cross_entropy = fused(cross_entropy_forward, cross_entropy_backward, "cross_entropy")
+_token_log_probs = fused(token_log_probs_forward, token_log_probs_backward, "token_log_probs")
+log_sigmoid = fused(log_sigmoid_forward, log_sigmoid_backward, "log_sigmoid")
 _attention = fused(scaled_dot_product_attention_forward, scaled_dot_product_attention_backward,
                    "scaled_dot_product_attention")
 _dropout = fused(dropout_forward, dropout_backward, "dropout")
@@ -537,6 +590,11 @@ def log_softmax(x, axis=-1):
 def cross_entropy(logits, targets, ignore_index=-100):
     """Mean negative log-likelihood of `targets` under softmax(`logits`), skipping ignore_index."""
     return _cross_entropy(logits, targets, ignore_index=ignore_index)
+
+
+def token_log_probs(logits, targets):
+    """log softmax(logits)[..., target] at every position: logits (N..., V), int targets (N...) -> (N...)."""
+    return _token_log_probs(logits, targets)
 
 
 def scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.0):

@@ -1,0 +1,40 @@
+"""PPO's pieces in PyTorch, as OpenAI's lm-human-preferences and TRL write them, and a plain-loop GAE.
+
+Masks are 1 on response tokens and 0 on the padding after each row's end; means are over
+the masked tokens of the whole batch.
+"""
+import torch
+
+
+def masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2):
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return masked_mean(torch.max(pg_losses, pg_losses2), mask)
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip_range_value=0.2):
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    vf_losses1 = (values - returns) ** 2
+    vf_losses2 = (values_clipped - returns) ** 2
+    return 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+
+
+def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """One row and one token at a time: each row's response is its first n masked tokens."""
+    advantages = [[0.0] * len(row) for row in rewards]
+    for b in range(len(rewards)):
+        n = int(sum(mask[b]))
+        last_advantage = 0.0
+        for t in reversed(range(n)):
+            next_value = values[b][t + 1] if t + 1 < n else 0.0
+            delta = rewards[b][t] + gamma * next_value - values[b][t]
+            last_advantage = delta + gamma * lam * last_advantage
+            advantages[b][t] = last_advantage
+    returns = [[advantages[b][t] + values[b][t] if t < sum(mask[b]) else 0.0 for t in range(len(rewards[b]))]
+               for b in range(len(rewards))]
+    return advantages, returns

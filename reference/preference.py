@@ -1,0 +1,50 @@
+"""The book's DPO functions (chapter 8 notebook) and a reward model's loss, in PyTorch.
+
+Written as the book writes them: a log_softmax over the vocabulary, a gather, the mean over
+the selected tokens. One change: a row that selects no token divides by 1, not 0, so it
+gives 0 rather than NaN (tinygrad_llm's rule).
+"""
+import torch
+import torch.nn.functional as F
+
+
+def compute_logprobs(logits, labels, selection_mask=None, reduction="mean"):
+    labels = labels[:, 1:].clone()
+    logits = logits[:, :-1, :]
+    log_probs = F.log_softmax(logits, dim=-1)
+    if selection_mask is None:
+        selected = torch.gather(log_probs, -1, labels.unsqueeze(-1)).squeeze(-1)
+        return selected.sum(-1) if reduction == "sum" else selected.mean(-1)
+    mask = selection_mask[:, 1:].clone().to(logits.dtype)
+    # Unselected labels may be anything (a -100 pad): gather a valid id there, masked out below.
+    labels = torch.where(mask > 0, labels, torch.zeros_like(labels))
+    selected = torch.gather(log_probs, -1, labels.unsqueeze(-1)).squeeze(-1) * mask
+    if reduction == "sum":
+        return selected.sum(-1)
+    return selected.sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def compute_dpo_loss(model_chosen_logprobs, model_rejected_logprobs, reference_chosen_logprobs,
+                     reference_rejected_logprobs, beta=0.1):
+    model_logratios = model_chosen_logprobs - model_rejected_logprobs
+    reference_logratios = reference_chosen_logprobs - reference_rejected_logprobs
+    logits = model_logratios - reference_logratios
+    losses = -F.logsigmoid(beta * logits)
+    chosen_rewards = (model_chosen_logprobs - reference_chosen_logprobs).detach()
+    rejected_rewards = (model_rejected_logprobs - reference_rejected_logprobs).detach()
+    return losses.mean(), chosen_rewards.mean(), rejected_rewards.mean()
+
+
+def compute_dpo_loss_batch(batch, policy_model, reference_model, beta, reduction="mean"):
+    """The book's loss of one batch; the reference runs without a graph."""
+    def logprobs(model, key):
+        return compute_logprobs(model(batch[key]), batch[key], batch[f"{key}_mask"], reduction)
+
+    with torch.no_grad():
+        reference_chosen, reference_rejected = logprobs(reference_model, "chosen"), logprobs(reference_model, "rejected")
+    return compute_dpo_loss(logprobs(policy_model, "chosen"), logprobs(policy_model, "rejected"),
+                            reference_chosen, reference_rejected, beta)
+
+
+def reward_model_loss(chosen_rewards, rejected_rewards):
+    return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
