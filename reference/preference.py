@@ -48,3 +48,29 @@ def compute_dpo_loss_batch(batch, policy_model, reference_model, beta, reduction
 
 def reward_model_loss(chosen_rewards, rejected_rewards):
     return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+
+
+def custom_collate_fn(batch, pad_token_id=50256, allowed_max_length=None, mask_prompt_tokens=True, device="cpu"):
+    """The book's DPO collate: one padded length for chosen and rejected, masks over the responses."""
+    batch_data = {"prompt": [], "chosen": [], "rejected": [], "rejected_mask": [], "chosen_mask": []}
+    max_length_common = 0
+    for key in ("chosen", "rejected"):
+        max_length_common = max(max_length_common, max(len(item[key]) + 1 for item in batch))
+    for item in batch:
+        prompt = torch.tensor(item["prompt"])
+        batch_data["prompt"].append(prompt)
+        for key in ("chosen", "rejected"):
+            sequence = item[key]
+            padded = sequence + [pad_token_id] * (max_length_common - len(sequence))
+            mask = torch.ones(len(padded)).bool()
+            mask[len(sequence):] = False
+            if mask_prompt_tokens:
+                mask[:prompt.shape[0] + 2] = False
+            batch_data[key].append(torch.tensor(padded))
+            batch_data[f"{key}_mask"].append(mask)
+    for key in ("chosen", "rejected", "chosen_mask", "rejected_mask"):
+        stacked = torch.stack(batch_data[key])
+        if allowed_max_length is not None:
+            stacked = stacked[:, :allowed_max_length]
+        batch_data[key] = stacked.to(device)
+    return batch_data

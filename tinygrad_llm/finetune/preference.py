@@ -11,11 +11,16 @@ The book takes the MEAN log-probability over the response tokens; the paper the 
 (`reduction="sum"`). A reward model instead scores prompt + response with one number and
 learns the Bradley-Terry preference, -log sigmoid(r_chosen - r_rejected).
 """
+import json
+
 import numpy as np
 
-from .. import backend
+from .. import backend, datasets
 from .. import functional as F
 from ..tensor import Tensor
+from .instruct import RESPONSE_HEAD, check_instruction_data, format_input
+
+PREFERENCE_KEYS = ("instruction", "chosen", "rejected")
 
 
 def _device_array(x, device):
@@ -91,3 +96,87 @@ def reward_model_loss(chosen_rewards, rejected_rewards):
     """The pairwise (Bradley-Terry) loss of a reward model: mean of -log sigmoid(r_chosen - r_rejected)."""
     chosen_rewards = chosen_rewards if isinstance(chosen_rewards, Tensor) else _tensor(chosen_rewards, rejected_rewards)
     return -F.log_sigmoid(chosen_rewards - _tensor(rejected_rewards, chosen_rewards)).mean()
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+def load_preference_data(path=None, allow_identical=False):
+    """The entries of a preference data file (default: the registry's `instruction-data-with-preference`), checked."""
+    path = datasets.path("instruction-data-with-preference") if path is None else path
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"preference data file {path} is not valid JSON: {error}") from None
+    return check_preference_data(data, source=path, allow_identical=allow_identical)
+
+
+def check_preference_data(data, source="preference data", allow_identical=False):
+    """`data` itself when every entry holds string "instruction", "chosen" and "rejected"; else a
+    ValueError naming the first entry that does not.
+
+    An entry whose chosen and rejected answers are the same text teaches nothing (its DPO
+    loss is ln 2 whatever the weights) and is refused unless allow_identical=True. The
+    book's own file has 6 (entries 122, 226, 400, 566, 628, 676, all in its training split);
+    reproducing the book keeps them.
+    """
+    check_instruction_data(data, source=source, keys=PREFERENCE_KEYS)
+    if not allow_identical:
+        for i, entry in enumerate(data):
+            if entry["chosen"] == entry["rejected"]:
+                raise ValueError(f"{source}: entry {i} has the same text as chosen and rejected answer "
+                                 f"({entry['chosen'][:40]!r}...): a preference needs two different answers "
+                                 "(allow_identical=True keeps such entries, as the book does)")
+    return data
+
+
+class PreferenceDataset:
+    """Each entry as token ids, the book's: item i is {"prompt", "chosen", "rejected"} lists of ids.
+
+    prompt = format_input(entry); chosen and rejected are the prompt followed by
+    "\\n\\n### Response:\\n" and that answer. Entries are checked (check_preference_data).
+    """
+
+    def __init__(self, data, tokenizer, allow_identical=False):
+        self.data = check_preference_data(data, allow_identical=allow_identical)
+        self.encoded_texts = []
+        for entry in data:
+            prompt = format_input(entry)
+            self.encoded_texts.append({
+                "prompt": tokenizer.encode(prompt),
+                "chosen": tokenizer.encode(prompt + RESPONSE_HEAD + entry["chosen"]),
+                "rejected": tokenizer.encode(prompt + RESPONSE_HEAD + entry["rejected"]),
+            })
+
+    def __getitem__(self, index):
+        return self.encoded_texts[index]
+
+    def __len__(self):
+        return len(self.data)
+
+
+def custom_collate_fn(batch, pad_token_id=50256, allowed_max_length=None, mask_prompt_tokens=True, device="cpu"):
+    """A batch of PreferenceDataset items -> the book's dict of arrays.
+
+    "chosen" and "rejected" (B, T) int64 are padded with pad_token_id to one length, the
+    longest of either + 1; "chosen_mask" and "rejected_mask" (B, T) bool are True on the
+    real tokens, and with mask_prompt_tokens False on the prompt and the two newline tokens
+    after it too, so they select the response ("### Response:\\n" and the answer). All four
+    are cut to allowed_max_length; "prompt" is the list of the prompts' id arrays.
+    """
+    length = max(len(item[key]) + 1 for item in batch for key in ("chosen", "rejected"))
+    out = {"prompt": [backend.to_device(np.asarray(item["prompt"], dtype=np.int64), device) for item in batch]}
+    for key in ("chosen", "rejected"):
+        ids = np.full((len(batch), length), pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(batch), length), dtype=bool)
+        for row, item in enumerate(batch):
+            ids[row, :len(item[key])] = item[key]
+            start = len(item["prompt"]) + 2 if mask_prompt_tokens else 0
+            mask[row, start:len(item[key])] = True
+        out[key], out[f"{key}_mask"] = ids, mask
+    for key in ("chosen", "rejected", "chosen_mask", "rejected_mask"):
+        array = out[key] if allowed_max_length is None else out[key][:, :allowed_max_length]
+        out[key] = backend.to_device(np.ascontiguousarray(array), device)
+    return out
