@@ -262,6 +262,38 @@ def linear_cases(draw):
 
 
 @st.composite
+def lora_linear_cases(draw, frozen=False):
+    """x, W, A, B and an optional bias; `frozen` passes W and b as options, the constants
+    LinearWithLoRA sees after freezing, so only x, A and B take gradients."""
+    n_in, n_out, rank = draw(st.integers(1, 5)), draw(st.integers(1, 5)), draw(st.integers(1, 3))
+    x = draw(values(draw(shapes(0, 2)) + (n_in,)))
+    weight, lora_A, lora_B = draw(values((n_out, n_in))), draw(values((n_in, rank))), draw(values((rank, n_out)))
+    bias = draw(st.none() | values((n_out,)))
+    scale = draw(st.sampled_from([1.0, 0.5, 2.0, 16 / 3]))  # alpha / rank
+    if frozen:
+        return Case((x, lora_A, lora_B), {"weight": weight, "bias": bias, "scale": scale})
+    return Case((x, weight, lora_A, lora_B) + (() if bias is None else (bias,)), {"scale": scale})
+
+
+def _lora_linear(x, weight, lora_A, lora_B, *bias, scale):
+    return F.lora_linear(x, weight, bias[0] if bias else None, lora_A, lora_B, scale)
+
+
+def _torch_lora_linear(x, weight, lora_A, lora_B, *bias, scale):
+    # reference/lora.py's LinearWithLoRA: linear(x) + (alpha / rank) * (x @ A @ B)
+    return torch.nn.functional.linear(x, weight, bias[0] if bias else None) + scale * (x @ lora_A @ lora_B)
+
+
+def _frozen(array, like):
+    """A constant beside the inputs: rounded to their dtype, requiring no gradient."""
+    return None if array is None else Tensor(array.astype(like.dtype), device=like.device)
+
+
+def _torch_frozen(array, like):
+    return None if array is None else torch.as_tensor(array, dtype=like.dtype)
+
+
+@st.composite
 def embedding_cases(draw):
     vocab, channels = draw(st.integers(1, 6)), draw(st.integers(1, 4))
     # Ids from a small vocabulary over several positions: repeated ids are the rule.
@@ -443,6 +475,14 @@ OPS = [
        F64_ELEMENTWISE, F32_ELEMENTWISE, gradcheck_cases=masked_fill_cases(fill_values=(0.0, 2.5))),
     # -- fused ops with a hand-written backward --
     Op("linear", F.linear, torch.nn.functional.linear, linear_cases(), F64_REDUCTION, F32_REDUCTION),
+    Op("lora_linear", _lora_linear, _torch_lora_linear, lora_linear_cases(), F64_REDUCTION, F32_REDUCTION),
+    Op("lora_linear (frozen W, b)",
+       lambda x, lora_A, lora_B, weight, bias, scale: F.lora_linear(
+           x, _frozen(weight, x), _frozen(bias, x), lora_A, lora_B, scale),
+       lambda x, lora_A, lora_B, weight, bias, scale: _torch_lora_linear(
+           x, _torch_frozen(weight, x), lora_A, lora_B, *[_torch_frozen(b, x) for b in [bias] if b is not None],
+           scale=scale),
+       lora_linear_cases(frozen=True), F64_REDUCTION, F32_REDUCTION),
     Op("embedding", F.embedding, lambda ids, weight: torch.nn.functional.embedding(ids, weight),
        embedding_cases(), F64_ELEMENTWISE, F32_ELEMENTWISE),
     Op("layer_norm", F.layer_norm, ref.layer_norm, layer_norm_cases(), F64_FUSED, F32_FUSED),

@@ -47,6 +47,64 @@ def linear_backward(dout, cache):
     return dx, dweight, dbias
 
 
+# ---- linear with a LoRA adapter (appendix E) ------------------------------------------------
+
+
+def lora_linear_forward(x, weight, bias, lora_A, lora_B, scale, needs_grad=(True, True, True, True, True)):
+    # x: (N..., in)  weight: (out, in)  bias: (out,) or None  lora_A: (in, r)  lora_B: (r, out)
+    #   ->  (N..., out) = x W^T + b + scale (x A) B
+    # The update goes through the (N, r) product x A, never through the (out, in) matrix A B.
+    # needs_grad: which of (x, weight, bias, lora_A, lora_B) get a gradient; the backward pass
+    # computes only those (a frozen W costs no dW, an input from a frozen layer no dx).
+    n_in, n_out, rank = weight.shape[1], weight.shape[0], lora_A.shape[-1]
+    if x.shape[-1] != n_in:
+        raise ValueError(f"lora_linear: input of shape {x.shape} does not fit weight of shape {weight.shape} "
+                         f"(expected last dimension {n_in})")
+    if lora_A.shape != (n_in, rank) or lora_B.shape != (rank, n_out):
+        raise ValueError(f"lora_linear: adapters A {lora_A.shape} and B {lora_B.shape} do not fit weight of shape "
+                         f"{weight.shape} (expected A ({n_in}, r) and B (r, {n_out}))")
+    x2 = x.reshape(-1, n_in)                                  # (N, in)
+    out, xA = cpu.matmuls([(x2, weight.T), (x2, lora_A)])     # (N, out), (N, r)
+    if bias is not None:
+        out += bias
+    xA *= scale                                               # s x A: (N, r), the smallest place for s
+    out += cpu.matmul(xA, lora_B)
+    cache = (x2, x.shape, weight, lora_A, lora_B, xA, scale, bias is not None, tuple(needs_grad))
+    return out.reshape(*x.shape[:-1], n_out), cache
+
+
+def lora_linear_backward(dout, cache):
+    # out = x W^T + b + h B with h = s x A (N, r). With g = dout (N, out):
+    #   dB = h^T g                     (r, out)
+    #   dh = g B^T, so d(xA) = s g B^T (N, r), call it u
+    #   dA = x^T u                     (in, r)
+    #   dx = g W + u A^T               (N, in): the frozen path and the adapter's
+    #   dW = g^T x,  db = sum of g over positions   (only for a weight that is trained)
+    x2, x_shape, weight, lora_A, lora_B, xA_scaled, scale, has_bias, needs_grad = cache
+    needs_x, needs_weight, needs_bias, needs_A, needs_B = needs_grad
+    g = dout.reshape(-1, dout.shape[-1])                      # (N, out)
+    u = None
+    if needs_x or needs_A:
+        u = cpu.matmul(g, lora_B.T)                           # (N, r)
+        u *= scale
+    pairs = {}
+    if needs_x:
+        pairs["x"] = (g, weight)                              # (N, in)
+    if needs_weight:
+        pairs["weight"] = (g.T, x2)                           # (out, in)
+    if needs_A:
+        pairs["A"] = (x2.T, u)                                # (in, r)
+    if needs_B:
+        pairs["B"] = (xA_scaled.T, g)                         # (r, out)
+    grads = dict(zip(pairs, cpu.matmuls(list(pairs.values())))) if pairs else {}
+    dx = grads.get("x")
+    if dx is not None:
+        dx += cpu.matmul(u, lora_A.T)
+        dx = dx.reshape(x_shape)
+    dbias = g.sum(axis=0) if has_bias and needs_bias else None
+    return dx, grads.get("weight"), dbias, grads.get("A"), grads.get("B")
+
+
 # ---- embedding ----------------------------------------------------------------------------
 
 
@@ -562,6 +620,7 @@ def dropout_backward(dout, cache):
 # ---- the public ops (Tensors in, Tensor out) ------------------------------------------------
 
 linear = fused(linear_forward, linear_backward, "linear")
+_lora_linear = fused(lora_linear_forward, lora_linear_backward, "lora_linear")
 embedding = fused(embedding_forward, embedding_backward, "embedding")
 _layer_norm = fused(layer_norm_forward, layer_norm_backward, "layer_norm")
 gelu = fused(gelu_forward, gelu_backward, "gelu")
@@ -573,6 +632,16 @@ log_sigmoid = fused(log_sigmoid_forward, log_sigmoid_backward, "log_sigmoid")
 _attention = fused(scaled_dot_product_attention_forward, scaled_dot_product_attention_backward,
                    "scaled_dot_product_attention")
 _dropout = fused(dropout_forward, dropout_backward, "dropout")
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scale):
+    """x W^T + b + scale (x A) B as one op: a Linear with a LoRA adapter (appendix E).
+
+    Only the inputs that require grad get a gradient, and only theirs are computed: with
+    W and b frozen, as LoRA trains them, a backward pass costs dx, dA and dB.
+    """
+    needs_grad = tuple(isinstance(t, Tensor) and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
+    return _lora_linear(x, weight, bias, lora_A, lora_B, scale=scale, needs_grad=needs_grad)
 
 
 def layer_norm(x, scale, shift, eps=1e-5):

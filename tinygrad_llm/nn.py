@@ -97,8 +97,9 @@ class Module:
             p.data, p.grad = moved.data, None
         return self
 
-    def num_parameters(self):
-        return sum(p.size for p in self.parameters())
+    def num_parameters(self, trainable=False):
+        """Parameters (a shared one once); with trainable=True only those with requires_grad, the book's count."""
+        return sum(p.size for p in self.parameters() if p.requires_grad or not trainable)
 
 
 def _host_array(value):
