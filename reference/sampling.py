@@ -5,6 +5,7 @@ the book's chapter 4 `generate_text_simple`; top-k is its chapter 5 code. Top-p 
 from its definition, independently of the library's sort-and-cut-off version: a token is
 kept when the tokens strictly more probable than it hold less than `top_p` of the mass, so
 the most probable tokens are kept until their sum first reaches top_p (ties kept together).
+The whole sampling distribution (temperature, then top-k, then top-p) is transformers' own.
 """
 import torch
 
@@ -38,3 +39,19 @@ def top_p_filter(logits, top_p):
     """Nucleus filter: logits of tokens outside the nucleus become -inf. logits: (B, V)."""
     probs = torch.softmax(logits, dim=-1)
     return torch.where(mass_above(probs) < top_p, logits, torch.tensor(float("-inf"), dtype=logits.dtype))
+
+
+def transformers_distribution(logits, temperature, top_k=None, top_p=None):
+    """The probabilities transformers' sampling draws from: its own temperature, top-k and top-p
+    warpers, in the order its generate() applies them. logits: (B, V)."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = [TemperatureLogitsWarper(temperature)]
+    if top_k is not None:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None:
+        warpers.append(TopPLogitsWarper(top_p))
+    scores = logits
+    for warper in warpers:
+        scores = warper(None, scores)
+    return torch.softmax(scores, dim=-1)

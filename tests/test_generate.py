@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 import tinygrad_llm as tl
 from reference import gpt as torch_gpt
 from reference import sampling as torch_sampling
-from tinygrad_llm.generate import (generate_text_simple, pick_next_token, text_to_token_ids, token_ids_to_text,
-                                   top_k_filter, top_p_filter)
+from tinygrad_llm.generate import (generate_text_simple, next_token_probabilities, pick_next_token,
+                                   text_to_token_ids, token_ids_to_text, top_k_filter, top_p_filter)
 
 # float64 so that the cached and uncached paths (different matmul shapes) cannot round
 # differently enough to flip a token; dropout on, to check generation turns it off.
@@ -178,6 +178,40 @@ def test_sampling_draws_from_the_tempered_filtered_distribution():
     np.testing.assert_allclose(frequencies(temperature=0.5), expected([0.25, 0.09, 0.0225, 0.0025]), atol=tolerance)
     np.testing.assert_allclose(frequencies(temperature=1.0, top_k=2), expected([0.5, 0.3, 0, 0]), atol=tolerance)
     np.testing.assert_allclose(frequencies(temperature=1.0, top_p=0.7), expected([0.5, 0.3, 0, 0]), atol=tolerance)
+
+
+# logits at least 0.01 apart, so that no two tokens are (or round to) equally probable
+distinct_logit_rows = st.integers(1, 3).flatmap(lambda b: st.integers(1, 12).flatmap(lambda v: st.lists(
+    st.lists(st.integers(-800, 800).map(lambda n: n / 100), min_size=v, max_size=v, unique=True),
+    min_size=b, max_size=b)))
+
+
+@filters
+@given(rows=distinct_logit_rows, temperature=st.floats(0.1, 5.0), top_p=st.one_of(st.none(), st.floats(0.01, 1.0)),
+       data=st.data())
+def test_sampling_distribution_is_transformers(rows, temperature, top_p, data):
+    # temperature, then top-k, then top-p: transformers' own warpers in its order
+    logits = np.array(rows)
+    top_k = data.draw(st.one_of(st.none(), st.integers(1, logits.shape[1])))
+    expected = torch_sampling.transformers_distribution(torch.tensor(logits), temperature, top_k, top_p)
+    if top_p is not None:
+        # transformers cuts at cumulative <= 1 - top_p, we at mass above < top_p: the same set unless
+        # a token's mass above lies within rounding of top_p (distinct logits: no ties to split).
+        before_top_p = torch_sampling.transformers_distribution(torch.tensor(logits), temperature, top_k)
+        mass = torch_sampling.mass_above(before_top_p).numpy()[before_top_p.numpy() > 0]
+        assume(np.abs(mass - top_p).min() > 1e-9)
+    np.testing.assert_allclose(next_token_probabilities(logits, temperature, top_k, top_p), expected.numpy(),
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_top_p_takes_the_nucleus_of_the_tempered_distribution():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    # At temperature 2 the probabilities flatten to 0.379 0.294 0.207 0.120: 0.7 needs three tokens,
+    # where the untempered distribution reaches it with two (0.5 + 0.3).
+    probs = next_token_probabilities(logits, temperature=2.0, top_p=0.7)
+    np.testing.assert_array_equal(probs[0] > 0, [True, True, True, False])
+    np.testing.assert_array_equal(next_token_probabilities(logits, temperature=1.0, top_p=0.7)[0] > 0,
+                                  [True, True, False, False])
 
 
 # ---- text helpers -----------------------------------------------------------------------------

@@ -523,17 +523,21 @@ def dropout_mask(shape, p, device):
     return backend.to_device(keep.reshape(shape), device)
 
 
-def scaled_dot_product_attention_forward(q, k, v, causal=True, dropout_p=0.0):
+def scaled_dot_product_attention_forward(q, k, v, causal=True, dropout_p=0.0, mask=None):
     check_float(q, "scaled_dot_product_attention")
     # q: (B, H, T, D)  k, v: (B, H, S, D)  ->  (B, H, T, D); the heads are independent, so
     # blocks of heads go to the cores (_attention_forward_heads).
+    # mask: optional bool array broadcastable to (B, H, T, S), True where a query may not look
+    # (besides the causal mask); every query must keep at least one key.
     xp = xp_of(q)
     (B, H, T, D), S = q.shape, k.shape[-2]
     # Scaling q (B, H, T, D) costs a quarter of scaling the scores (B, H, T, S).
     q = q * q.dtype.type(1.0 / math.sqrt(D))
     masked = causal_mask(T, S) if causal else None
-    bias = None if masked is None else xp.asarray(np.where(masked, -np.inf, 0.0).astype(q.dtype))
-    allowed = None if masked is None else xp.asarray((~masked).astype(q.dtype))
+    if mask is not None:
+        masked = mask if masked is None else xp.asarray(masked) | mask
+    bias = None if masked is None else xp.asarray(xp.where(xp.asarray(masked), -np.inf, 0.0).astype(q.dtype))
+    allowed = None if masked is None else xp.asarray((~xp.asarray(masked)).astype(q.dtype))
     keep = dropout_mask((B, H, T, S), dropout_p, backend.device_of(q)) if dropout_p > 0.0 else None
     att, out = xp.empty((B, H, T, S), q.dtype), xp.empty_like(q)
     cpu.parallel_map(_attention_forward_heads,

@@ -79,21 +79,67 @@ class KVCache:
     """Keys and values of every layer for the positions seen so far (inference only).
 
     Arrays are allocated once for `max_length` positions: (layers, B, H, max_length, D).
+
+    A batch of prompts of different lengths is fed left-padded: `padding` (B,) counts the
+    pad tokens at the start of each row. A row's first real token then sits at position 0
+    (its position embedding is the one it gets alone), and no real token attends to a pad,
+    so each row computes what it computes alone.
     """
 
-    def __init__(self, cfg, batch_size, max_length, dtype, device="cpu"):
+    def __init__(self, cfg, batch_size, max_length, dtype, device="cpu", padding=None):
         xp = backend.module_for(device)
         head_dim = cfg["emb_dim"] // cfg["n_heads"]
         shape = (cfg["n_layers"], batch_size, cfg["n_heads"], max_length, head_dim)
         self.keys, self.values = xp.empty(shape, dtype), xp.empty(shape, dtype)
-        self.length = 0
+        self.reset(padding)
 
     @property
     def max_length(self):
         return self.keys.shape[3]
 
-    def reset(self):
+    @property
+    def batch_size(self):
+        return self.keys.shape[1]
+
+    def reset(self, padding=None):
+        """Empty the cache; the next sequence fed has `padding` (B,) pad tokens at the left (None: none)."""
+        if padding is not None:
+            padding = np.asarray(padding, dtype=np.int64)
+            if padding.shape != (self.batch_size,) or padding.min() < 0:
+                raise ValueError(f"padding must hold one count >= 0 per row ({self.batch_size}), got {padding}")
+            if not padding.any():
+                padding = None  # no pads: the plain causal attention
+        self.padding = padding
         self.length = 0
+
+    def keep_rows(self, rows):
+        """Keep only the sequences `rows` (indices into the batch), e.g. once the others are finished."""
+        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+        if self.padding is not None:
+            self.padding = self.padding[rows]
+            if not self.padding.any():
+                self.padding = None
+
+    def positions(self, start, end, xp):
+        """Position ids of the cache positions [start, end): (end - start,), or (B, end - start) with padding."""
+        positions = xp.arange(start, end)
+        if self.padding is None:
+            return positions
+        # A pad takes position 0; its output is never read.
+        return xp.maximum(positions[None, :] - xp.asarray(self.padding)[:, None], 0)
+
+    def attention_mask(self, start, end, xp):
+        """(B, 1, end - start, end) bool, True where queries [start, end) may not look; None without padding.
+
+        A real query never looks at a pad. A pad's own query keeps its causal keys, so no row
+        of attention weights is empty (which would give NaN); nothing reads its output.
+        """
+        if self.padding is None:
+            return None
+        padding = xp.asarray(self.padding)[:, None]
+        key_is_pad = xp.arange(end)[None, :] < padding  # (B, S)
+        query_is_real = xp.arange(start, end)[None, :] >= padding  # (B, T)
+        return (key_is_pad[:, None, :] & query_is_real[:, :, None])[:, None]
 
 
 class MultiHeadAttention(Module):
@@ -132,7 +178,8 @@ class MultiHeadAttention(Module):
         cache.keys[layer, :, :, start:end] = keys
         cache.values[layer, :, :, start:end] = values
         keys, values = cache.keys[layer, :, :, :end], cache.values[layer, :, :, :end]
-        return F.scaled_dot_product_attention_forward(queries, keys, values, causal=True)[0]
+        mask = cache.attention_mask(start, end, backend.xp_of(queries))
+        return F.scaled_dot_product_attention_forward(queries, keys, values, causal=True, mask=mask)[0]
 
 
 class FeedForward(Module):
@@ -192,10 +239,11 @@ class GPTModel(Module):
     def xp(self):
         return backend.xp_of(self.tok_emb.weight.data)
 
-    def new_cache(self, batch_size, max_length=None):
-        """An empty KV cache for `batch_size` sequences of up to `max_length` (default: the context) tokens."""
+    def new_cache(self, batch_size, max_length=None, padding=None):
+        """An empty KV cache for `batch_size` sequences of up to `max_length` (default: the context) tokens,
+        with `padding` (B,) pad tokens at the left of each (see KVCache)."""
         max_length = self.cfg["context_length"] if max_length is None else max_length
-        return KVCache(self.cfg, batch_size, max_length, self.dtype, self.device)
+        return KVCache(self.cfg, batch_size, max_length, self.dtype, self.device, padding)
 
     def forward(self, in_idx, cache=None):
         # in_idx: (B, T) token ids  ->  logits (B, T, vocab_size)
@@ -211,7 +259,11 @@ class GPTModel(Module):
         if cache is not None and cache.keys.shape[1] != idx.shape[0]:
             raise ValueError(f"KV cache holds {cache.keys.shape[1]} sequences, got a batch of {idx.shape[0]}")
         tok_embeds = self.tok_emb(idx)  # (B, T, C)
-        pos_embeds = self.pos_emb(self.xp.arange(start, start + seq_len))  # (T, C)
+        if cache is None:
+            positions = self.xp.arange(start, start + seq_len)
+        else:
+            positions = cache.positions(start, start + seq_len, self.xp)
+        pos_embeds = self.pos_emb(positions)  # (T, C), or (B, T, C) for a left-padded batch
         x = self.drop_emb(tok_embeds + pos_embeds)
         for layer, block in enumerate(self.trf_blocks):
             x = block(x, cache, layer)

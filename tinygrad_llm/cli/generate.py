@@ -11,7 +11,7 @@ def add_generate(subparsers):
     p = subparsers.add_parser("generate", help="continue a prompt with a trained model (streams the text)",
                               description="Continue --prompt with the model in --checkpoint or OpenAI's GPT-2 "
                                           "(--model), printing the text as it is generated. Temperature 0 is "
-                                          "greedy; otherwise top-k, then top-p, then temperature shape the "
+                                          "greedy; otherwise the temperature, then top-k, then top-p shape the "
                                           "distribution sampled from.")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="a checkpoint written by pretrain or import-gpt2")
