@@ -54,7 +54,9 @@ def test_help(command, capsys):
 def test_pretrain_writes_checkpoint_and_plot(trained):
     state = read_checkpoint(trained / "checkpoint.safetensors")["metadata"]["train_state"]
     assert state["epoch"] == 2 and state["step"] > 0
-    assert len(state["history"]["train_losses"]) == len(state["history"]["val_losses"]) > 1
+    evals = [record for record in state["history"] if record["event"] == "eval"]
+    assert len(evals) > 1 and all("train_loss" in r and "val_loss" in r for r in evals)
+    assert tl.train.read_metrics(trained / "metrics.jsonl") == state["history"]
     assert (trained / "loss.png").read_bytes().startswith(b"\x89PNG")
 
 
@@ -73,6 +75,27 @@ def test_resume_of_a_finished_run_trains_no_more_and_refuses_changed_settings(tr
     capsys.readouterr()
     with pytest.raises(SystemExit, match=r"--lr \(0.5, saved 0.0004\)"):
         main(["pretrain", "--out", str(trained), "--resume", "--lr", "0.5"])
+
+
+def test_save_every_writes_mid_epoch_checkpoints(files, tmp_path, monkeypatch):
+    saved_steps = []
+    save = tl.train.save_checkpoint
+
+    def recording_save(path, model, optimizer=None, **metadata):
+        saved_steps.append(metadata["train_state"]["step"])
+        save(path, model, optimizer, **metadata)
+
+    monkeypatch.setattr(tl.train, "save_checkpoint", recording_save)
+    assert main(pretrain_args(files, tmp_path / "run", "--epochs", "2", "--save-every", "2")) == 0
+    steps_per_epoch = saved_steps[-1] // 2
+    assert steps_per_epoch > 2
+    expected = sorted({*range(2, 2 * steps_per_epoch, 2), steps_per_epoch, 2 * steps_per_epoch})
+    assert saved_steps == expected
+
+
+def test_save_every_must_be_positive(files, tmp_path):
+    with pytest.raises(SystemExit, match="--save-every must be a number of steps >= 1, got 0"):
+        main(pretrain_args(files, tmp_path, "--save-every", "0"))
 
 
 def test_generate_streams_what_the_api_generates(trained, capsys):
@@ -129,7 +152,8 @@ def test_unknown_data_and_config_are_named(files, tmp_path):
         main(["pretrain", "--config", "gpt5", "--out", str(tmp_path)])
 
 
-def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(files, tmp_path, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_writes_a_checkpoint_and_resume_finishes(files, tmp_path, capsys, signum):
     out = tmp_path / "run"
     args = pretrain_args(files, out, "--epochs", "3", "--eval-freq", "1")
     child = subprocess.Popen([sys.executable, "-m", "tinygrad_llm", *args], stdout=subprocess.PIPE,
@@ -137,12 +161,12 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(files, tmp_path, capsys)
     try:
         for line in child.stdout:
             if line.startswith("Ep 1 (Step 000002)"):  # training is under way
-                child.send_signal(signal.SIGINT)
+                child.send_signal(signum)
                 break
         _, stderr = child.communicate(timeout=60)
     finally:
         child.kill()
-    assert child.returncode == 130, stderr
+    assert child.returncode == 128 + signum, stderr  # 130 for Ctrl-C, 143 for SIGTERM
     assert "Interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr
     state = read_checkpoint(out / "checkpoint.safetensors")["metadata"]["train_state"]
     assert state["step"] >= 3 and state["epoch"] == 0  # stopped after a finished step, mid-epoch
@@ -150,7 +174,8 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(files, tmp_path, capsys)
     assert main(["pretrain", "--out", str(out), "--resume", "--no-progress"]) == 0
     finished = read_checkpoint(out / "checkpoint.safetensors")["metadata"]["train_state"]
     assert finished["epoch"] == 3
-    assert len(finished["history"]["train_losses"]) == finished["step"]  # one evaluation per step, none lost
+    evals = [record for record in finished["history"] if record["event"] == "eval"]
+    assert [r["step"] for r in evals] == list(range(finished["step"]))  # one evaluation per step, none lost
 
 
 def test_a_failed_download_ends_with_a_message_not_a_traceback(tmp_path, monkeypatch, capsys):

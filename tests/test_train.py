@@ -4,6 +4,8 @@ Run as a script (`python tests/test_train.py CHECKPOINT OUT.npz [LOADER_SEED]`) 
 resumes the run below from CHECKPOINT in a fresh process and writes the results to OUT.npz.
 """
 import math
+import os
+import signal
 import subprocess
 import sys
 
@@ -16,8 +18,8 @@ from tinygrad_llm import datasets
 from tinygrad_llm.data import create_dataloader_v1
 from tinygrad_llm.optim import clip_grad_norm_
 from tinygrad_llm.tokenizers import get_gpt2_tokenizer
-from tinygrad_llm.train import (TrainingDivergedError, calc_loss_batch, calc_loss_loader, evaluate_model,
-                                plot_losses, train_model_simple)
+from tinygrad_llm.train import (TrainingDivergedError, TrainingInterrupted, calc_loss_batch, calc_loss_loader,
+                                evaluate_model, plot_losses, train_model_simple)
 
 CFG = {"vocab_size": 50257, "context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
        "drop_rate": 0.1, "qkv_bias": False}
@@ -88,7 +90,8 @@ def test_the_books_loop_learns_and_reports(capsys):
     assert printed.count("Every effort moves you") == 6  # a sample after each epoch
 
 
-def test_schedule_and_clipping_follow_appendix_d():
+@pytest.mark.parametrize("clip_during_warmup", [False, True])
+def test_schedule_and_clipping_follow_appendix_d(clip_during_warmup):
     from reference.ops import appendix_d_lr
 
     model, optimizer, train_loader, val_loader = setup()
@@ -101,11 +104,15 @@ def test_schedule_and_clipping_follow_appendix_d():
         step()
 
     optimizer.step = recording_step
-    train_model_simple(model, train_loader, val_loader, optimizer, None, **RUN, **OPTIONS)
+    max_norm = 0.5  # below the norms of this run's first steps (about 0.8)
+    train_model_simple(model, train_loader, val_loader, optimizer, None, **RUN,
+                       **{**OPTIONS, "grad_clip": max_norm}, clip_during_warmup=clip_during_warmup)
     total = 2 * len(train_loader)
     expected = [appendix_d_lr(s, 1e-3, total, 3, 1e-5, 1e-5) for s in range(total)]
     np.testing.assert_allclose(lrs, expected, rtol=1e-12)
-    assert max(norms) <= 1.0 + 1e-5
+    assert max(norms[3:]) <= max_norm + 1e-5  # clipped once step >= warmup_steps, as the book does
+    # the 3 warmup steps are clipped only when asked
+    assert (max(norms[:3]) <= max_norm + 1e-5) == clip_during_warmup
 
 
 def diverging_run(tmp_path, poisoned_step):
@@ -178,6 +185,134 @@ def test_plot_writes_the_books_figure(tmp_path):
     path = plot_losses([0.5, 1.0, 1.5], [100, 200, 300], [9.0, 7.0, 6.0], [9.5, 8.0, 7.5], tmp_path / "loss.png")
     data = open(path, "rb").read()
     assert data.startswith(b"\x89PNG") and len(data) > 10_000
+
+
+# ---- the engine: accumulation, metrics log, save_every, SIGTERM ------------------------------
+
+
+def f64_setup(n_batches, batch_size):
+    """A float64 model without dropout and fixed batches, so two runs can agree to rounding."""
+    tl.manual_seed(5)
+    model = tl.GPTModel({**CFG, "drop_rate": 0.0}, dtype="float64")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 100, (n_batches * batch_size, 17))
+    batches = [(ids[i:i + batch_size, :-1], ids[i:i + batch_size, 1:]) for i in range(0, len(ids), batch_size)]
+    return model, batches
+
+
+def lm_loss(model, batch):
+    return calc_loss_batch(*batch, model, None)
+
+
+def concatenated(batches, k):
+    return [tuple(np.concatenate(parts) for parts in zip(*batches[i:i + k])) for i in range(0, len(batches), k)]
+
+
+@pytest.mark.parametrize("n_batches, k", [(6, 2), (5, 2), (6, 3)])
+def test_k_micro_batches_of_b_make_one_step_of_kb(n_batches, k):
+    # 5 batches with k=2: the epoch's last step takes the one micro-batch left, averaged alone
+    results = []
+    for accumulation_steps in (k, 1):
+        model, batches = f64_setup(n_batches, 2)
+        loader = batches if accumulation_steps > 1 else concatenated(batches, k)
+        optimizer = tl.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        history = tl.train.train(model, optimizer, loader, lm_loss, num_epochs=2, accumulation_steps=accumulation_steps,
+                                 evaluate=lambda: {"loss": calc_loss_loader(batches, model, None)}, progress=False)
+        results.append((history, model.state_dict()))
+    (history, weights), (expected_history, expected_weights) = results
+    assert [r["step"] for r in history] == [r["step"] for r in expected_history] == list(range(2 * math.ceil(n_batches / k)))
+    # float64: the mean of k means of B equals the mean of kB up to rounding
+    np.testing.assert_allclose([r["loss"] for r in history], [r["loss"] for r in expected_history], rtol=1e-10)
+    assert [r["tokens_seen"] for r in history] == [r["tokens_seen"] for r in expected_history]
+    for name, array in expected_weights.items():
+        np.testing.assert_allclose(weights[name], array, rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_the_metrics_log_holds_one_line_per_record_and_is_rewritten_on_resume(tmp_path):
+    metrics, checkpoint = tmp_path / "metrics.jsonl", tmp_path / "ck.safetensors"
+
+    def run_with_log(**options):
+        model, batches = f64_setup(4, 2)
+        optimizer = tl.optim.AdamW(model.parameters(), lr=1e-2)
+        return tl.train.train(model, optimizer, batches, lm_loss, num_epochs=2, eval_freq=3, seen="examples",
+                              evaluate=lambda: {"val_loss": calc_loss_loader(batches, model, None)},
+                              epoch_end=lambda epoch: {"epoch_loss": calc_loss_loader(batches, model, None)},
+                              metrics_path=metrics, checkpoint_path=checkpoint, progress=False, **options)
+
+    full = run_with_log()
+    assert tl.train.read_metrics(metrics) == full
+    assert [(r["event"], r["step"], r["epoch"], r["examples_seen"]) for r in full] == [
+        ("eval", 0, 1, 2), ("eval", 3, 1, 8), ("epoch", 3, 1, 8), ("eval", 6, 2, 14), ("epoch", 7, 2, 16)]
+    assert all(r["lr"] == 1e-2 and r["seconds"] >= 0 for r in full)
+
+    run_with_log(stop_at_step=5)
+    with open(metrics, "a") as f:  # what a run killed after its last save had logged as well
+        f.write('{"event": "eval", "step": 6, "val_loss": 0.0}\n')
+    resumed = run_with_log(resume=True)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in full]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in tl.train.read_metrics(metrics)] == strip
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed] == strip
+
+
+class Killed(Exception):
+    """Stands in for a SIGKILL: the run ends between two steps without saving."""
+
+
+def test_save_every_checkpoints_mid_epoch_and_resume_stays_bit_for_bit(tmp_path):
+    (train, val, tokens), weights, steps_per_epoch = run(loader_seed=7)
+    checkpoint = tmp_path / "ck.safetensors"
+    model, optimizer, train_loader, val_loader = setup(7)
+    step, done = optimizer.step, []
+
+    def killed_after_step_8():
+        step()
+        done.append(1)
+        if len(done) == 8:
+            raise Killed
+
+    optimizer.step = killed_after_step_8
+    with pytest.raises(Killed):
+        train_model_simple(model, train_loader, val_loader, optimizer, None, **RUN, **OPTIONS,
+                           checkpoint_path=checkpoint, save_every=3)
+    state = tl.load_checkpoint(checkpoint, tl.GPTModel(CFG))["train_state"]
+    assert steps_per_epoch > 6 and state["step"] == 6 and state["epoch"] == 0  # the last save: mid-epoch
+    out = tmp_path / "resumed.npz"
+    subprocess.run([sys.executable, __file__, str(checkpoint), str(out), "7"], check=True)
+    resumed = np.load(out)
+    for name in ("train", "val", "tokens"):
+        np.testing.assert_array_equal(resumed[name], locals()[name], err_msg=name)
+    for name, array in weights.items():
+        np.testing.assert_array_equal(resumed[name], array, err_msg=name)
+
+
+def test_sigterm_saves_a_checkpoint_and_stops_as_ctrl_c(tmp_path):
+    checkpoint = tmp_path / "ck.safetensors"
+    model, optimizer, train_loader, val_loader = setup()
+    step, done = optimizer.step, []
+
+    def terminated_during_step_3():
+        done.append(1)
+        if len(done) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a job scheduler does
+        step()
+
+    optimizer.step = terminated_during_step_3
+    with pytest.raises(TrainingInterrupted, match="interrupted by SIGTERM after step 2") as stopped:
+        train_model_simple(model, train_loader, val_loader, optimizer, None, **RUN, checkpoint_path=checkpoint,
+                           progress=False)
+    assert stopped.value.signum == signal.SIGTERM and isinstance(stopped.value, KeyboardInterrupt)
+    assert tl.load_checkpoint(checkpoint, tl.GPTModel(CFG))["train_state"]["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
+
+@pytest.mark.parametrize("option, value", [("eval_freq", 0), ("accumulation_steps", 0), ("save_every", 0),
+                                           ("accumulation_steps", 1.5), ("grad_clip", 0.0), ("grad_clip", math.nan),
+                                           ("num_epochs", -1), ("seen", "words")])
+def test_bad_options_are_named(option, value):
+    model, batches = f64_setup(2, 2)
+    options = {"num_epochs": 1, option: value}
+    with pytest.raises(ValueError, match=option):
+        tl.train.train(model, tl.optim.AdamW(model.parameters()), batches, lm_loss, **options)
 
 
 if __name__ == "__main__":

@@ -37,13 +37,17 @@ def linear_forward(x, weight, bias=None):
     return out.reshape(*x.shape[:-1], weight.shape[0]), (x2, x.shape, weight, bias is not None)
 
 
-def linear_backward(dout, cache):
+def linear_backward(dout, cache, needs_grad=(True, True, True)):
     # out = x W^T + b  =>  dx = dout W,  dW = dout^T x,  db = sum of dout over positions
+    # needs_grad (x, W, b): an input that needs no gradient (the frozen part's output, a
+    # frozen weight) costs no matmul.
     x2, x_shape, weight, has_bias = cache
+    need_dx, need_dweight = needs_grad[:2]
     d2 = dout.reshape(-1, dout.shape[-1])
-    dx, dweight = cpu.matmuls([(d2, weight), (d2.T, x2)])
-    dx = dx.reshape(x_shape)
-    dbias = d2.sum(axis=0) if has_bias else None
+    products = iter(cpu.matmuls([(d2, weight)] * need_dx + [(d2.T, x2)] * need_dweight))
+    dx = next(products).reshape(x_shape) if need_dx else None
+    dweight = next(products) if need_dweight else None
+    dbias = d2.sum(axis=0) if has_bias and needs_grad[2] else None
     return dx, dweight, dbias
 
 
@@ -194,22 +198,27 @@ def _layer_norm_forward_rows(x, scale, shift, eps, xhat, rstd, out):
     _with_each_row(xp.add, out, shift, out)
 
 
-def layer_norm_backward(dout, cache):
+def layer_norm_backward(dout, cache, needs_grad=(True, True, True)):
     # With xhat = (x - mean) * rstd and out = xhat * scale + shift, the three-term formula:
     #   dxhat = dout * scale
     #   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
     # (the two means are how each x moves the row's mean and variance);
     #   dscale = sum over rows of dout * xhat,  dshift = sum over rows of dout.
+    # needs_grad (x, scale, shift): the first LayerNorm after a frozen part needs no dx.
     xhat, scale, rstd = cache
     xp = xp_of(xhat)
     d2 = dout.reshape(xhat.shape)
+    if not needs_grad[0]:
+        column_sums = xp.ones(d2.shape[0], d2.dtype)
+        return (None, column_sums @ (d2 * xhat) if needs_grad[1] else None,
+                column_sums @ d2 if needs_grad[2] else None)
     dx = xp.empty_like(xhat)
     partial_sums = cpu.parallel_map(_layer_norm_backward_rows, [(d2[r], xhat[r], scale, rstd[r], dx[r])
                                                                 for r in cpu.row_blocks(*xhat.shape, xp)],
                                     uses_blas=True)
     dscale = sum(block_dscale for block_dscale, _ in partial_sums)
     dshift = sum(block_dshift for _, block_dshift in partial_sums)
-    return dx.reshape(dout.shape), dscale, dshift
+    return dx.reshape(dout.shape), dscale if needs_grad[1] else None, dshift if needs_grad[2] else None
 
 
 def _layer_norm_backward_rows(dout, xhat, scale, rstd, dx):
@@ -623,10 +632,10 @@ def dropout_backward(dout, cache):
 
 # ---- the public ops (Tensors in, Tensor out) ------------------------------------------------
 
-linear = fused(linear_forward, linear_backward, "linear")
+linear = fused(linear_forward, linear_backward, "linear", skips_grads=True)
 _lora_linear = fused(lora_linear_forward, lora_linear_backward, "lora_linear")
 embedding = fused(embedding_forward, embedding_backward, "embedding")
-_layer_norm = fused(layer_norm_forward, layer_norm_backward, "layer_norm")
+_layer_norm = fused(layer_norm_forward, layer_norm_backward, "layer_norm", skips_grads=True)
 gelu = fused(gelu_forward, gelu_backward, "gelu")
 _softmax = fused(softmax_forward, softmax_backward, "softmax")
 _log_softmax = fused(log_softmax_forward, log_softmax_backward, "log_softmax")

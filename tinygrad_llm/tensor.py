@@ -431,12 +431,18 @@ def where(condition, a, b):
         "where")
 
 
-def fused(forward, backward, name=None):
+def fused(forward, backward, name=None, skips_grads=False):
     """Wrap an llm.c-style pair of array functions into one autograd op.
 
     `forward(*inputs, **options) -> (out, cache)` and `backward(dout, cache) -> grads`,
     one gradient per positional input (None for inputs that take none, such as token
     ids). Inputs may be Tensors, arrays or scalars; only Tensors join the graph.
+
+    With `skips_grads=True` the backward is called as `backward(dout, cache, needs_grad)`:
+    `needs_grad[i]` tells whether input i needs a gradient (a Tensor that requires grad),
+    so it can skip the work for the others (torch's ctx.needs_input_grad). That is what
+    makes freezing pay: the first trainable Linear after a frozen part computes no dx for
+    its input, and a frozen weight gets no dW.
     """
 
     @functools.wraps(forward)
@@ -444,9 +450,10 @@ def fused(forward, backward, name=None):
         arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
         out, cache = forward(*arrays, **options)
         tensor_slots = [i for i, x in enumerate(inputs) if isinstance(x, Tensor)]
+        needs_grad = tuple(isinstance(x, Tensor) and x.requires_grad for x in inputs)
 
         def grad_fn(g):
-            grads = backward(g, cache)
+            grads = backward(g, cache, needs_grad) if skips_grads else backward(g, cache)
             return tuple(grads[i] for i in tensor_slots)
 
         return Tensor._make(out, tuple(inputs[i] for i in tensor_slots), grad_fn, name or forward.__name__)

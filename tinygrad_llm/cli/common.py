@@ -21,6 +21,7 @@ TINY_CONFIG = {
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 PLOT_NAME = "loss.png"
+METRICS_NAME = "metrics.jsonl"
 START_CONTEXT = "Every effort moves you"
 
 

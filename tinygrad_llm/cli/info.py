@@ -29,11 +29,12 @@ def run_info(args):
           + (f" ({info['optimizer']['type']})" if info["optimizer"] else ""))
     state = info["metadata"].get("train_state")
     if state:
-        history = state["history"]
-        last = (f"; last train loss {history['train_losses'][-1]:.3f}, val loss {history['val_losses'][-1]:.3f}"
-                if history["train_losses"] else "")
+        evals = [record for record in state["history"] if record["event"] == "eval"]
+        last = evals[-1] if evals else {}
+        unit = next((key[:-len("_seen")] for key in last if key.endswith("_seen")), "items")
+        losses = ", ".join(f"{key.replace('_', ' ')} {value:.3f}" for key, value in last.items() if key.endswith("_loss"))
         print(f"training    step {state['step']}, epoch {state['epoch']} + {state['batch']} batches, "
-              f"{state['tokens_seen']:,} tokens seen{last}")
+              f"{state['seen']:,} {unit} seen" + (f"; last {losses}" if losses else ""))
     return 0
 
 

@@ -1,5 +1,6 @@
 """`tinygrad-llm pretrain`: the book's chapter 5 run from a terminal."""
 import os
+import signal
 import sys
 import time
 
@@ -8,7 +9,7 @@ from ..checkpoint import read_checkpoint
 from ..model import GPTModel, parameter_counts
 from ..optim import AdamW
 from ..train import TrainingDivergedError, perplexity, plot_losses, train_model_simple
-from .common import CHECKPOINT_NAME, PLOT_NAME, START_CONTEXT, get_tokenizer, model_config, read_text
+from .common import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, START_CONTEXT, get_tokenizer, model_config, read_text
 
 # pretrain's settings and their defaults (the book's chapter 5 run, on the tiny model).
 PRETRAIN_DEFAULTS = {
@@ -24,7 +25,7 @@ def add_pretrain(subparsers):
         description="Train a GPT on a text with AdamW, printing train/val loss and perplexity every "
                     "--eval-freq steps and a sample after each epoch. The checkpoint (weights, optimizer, "
                     "random state, data position) is written to OUT/checkpoint.safetensors after every "
-                    "epoch and on Ctrl-C; --resume continues it bit for bit.")
+                    "epoch, every --save-every steps and on Ctrl-C or SIGTERM; --resume continues it bit for bit.")
     d = PRETRAIN_DEFAULTS
     # Defaults are applied later, so --resume can tell a flag given on the command line from a default.
     p.add_argument("--data", help=f"a registered data set or a text file (default {d['data']})")
@@ -45,7 +46,10 @@ def add_pretrain(subparsers):
     p.add_argument("--eval-freq", type=int, help=f"evaluate every this many steps (default {d['eval_freq']})")
     p.add_argument("--eval-iter", type=int, help=f"batches per evaluation (default {d['eval_iter']})")
     p.add_argument("--seed", type=int, help=f"seeds initialisation, shuffling and dropout (default {d['seed']})")
-    p.add_argument("--out", required=True, help="folder for the checkpoint and the plot")
+    p.add_argument("--save-every", type=int, metavar="N",
+                   help="also write the checkpoint every N steps, mid-epoch (default: after each epoch only)")
+    p.add_argument("--out", required=True, help=f"folder for the checkpoint, the metrics log ({METRICS_NAME}: "
+                                                "one JSON line per evaluation) and the plot")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT with its saved settings")
     p.add_argument("--plot", action="store_true", help=f"write the loss plot to OUT/{PLOT_NAME}")
     p.add_argument("--device", choices=backend.DEVICES, default=backend.default_device())
@@ -82,6 +86,8 @@ def run_pretrain(args):
     from ..data import create_dataloader_v1
 
     checkpoint = os.path.join(args.out, CHECKPOINT_NAME)
+    if args.save_every is not None and args.save_every < 1:
+        raise SystemExit(f"--save-every must be a number of steps >= 1, got {args.save_every}")
     s = pretrain_settings(args, checkpoint)
     text = read_text(s["data"])
     split = int(s["train_ratio"] * len(text))
@@ -102,12 +108,13 @@ def run_pretrain(args):
         train_losses, val_losses, tokens_seen = train_model_simple(
             model, train_loader, val_loader, optimizer, args.device, s["epochs"], s["eval_freq"], s["eval_iter"],
             START_CONTEXT, tokenizer, warmup_steps=s["warmup"], cosine_decay=s["cosine"], min_lr=s["min_lr"],
-            grad_clip=s["grad_clip"], checkpoint_path=checkpoint, resume=args.resume,
-            checkpoint_metadata={"run": s, "tokenizer": "gpt2"}, progress=not args.no_progress)
-    except KeyboardInterrupt:
+            grad_clip=s["grad_clip"], clip_during_warmup=True, checkpoint_path=checkpoint, resume=args.resume,
+            checkpoint_metadata={"run": s, "tokenizer": "gpt2"}, save_every=args.save_every,
+            metrics_path=os.path.join(args.out, METRICS_NAME), progress=not args.no_progress)
+    except KeyboardInterrupt as error:
         print(f"\nInterrupted: the checkpoint {checkpoint} holds the last finished step; continue with\n"
               f"  tinygrad-llm pretrain --out {args.out} --resume", file=sys.stderr)
-        return 130
+        return 128 + getattr(error, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
     except TrainingDivergedError as error:
         print(error, file=sys.stderr)
         return 1
