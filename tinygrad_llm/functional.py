@@ -68,7 +68,8 @@ def lora_linear_forward(x, weight, bias, lora_A, lora_B, scale, needs_grad=(True
         raise ValueError(f"lora_linear: adapters A {lora_A.shape} and B {lora_B.shape} do not fit weight of shape "
                          f"{weight.shape} (expected A ({n_in}, r) and B (r, {n_out}))")
     x2 = x.reshape(-1, n_in)                                  # (N, in)
-    out, xA = cpu.matmuls([(x2, weight.T), (x2, lora_A)])     # (N, out), (N, r)
+    # Two calls, not one cpu.matmuls: paired, the large product would get one core only.
+    out, xA = cpu.matmul(x2, weight.T), cpu.matmul(x2, lora_A)  # (N, out), (N, r)
     if bias is not None:
         out += bias
     xA *= scale                                               # s x A: (N, r), the smallest place for s
@@ -91,16 +92,15 @@ def lora_linear_backward(dout, cache):
     if needs_x or needs_A:
         u = cpu.matmul(g, lora_B.T)                           # (N, r)
         u *= scale
-    pairs = {}
-    if needs_x:
-        pairs["x"] = (g, weight)                              # (N, in)
-    if needs_weight:
-        pairs["weight"] = (g.T, x2)                           # (out, in)
-    if needs_A:
-        pairs["A"] = (x2.T, u)                                # (in, r)
-    if needs_B:
-        pairs["B"] = (xA_scaled.T, g)                         # (r, out)
-    grads = dict(zip(pairs, cpu.matmuls(list(pairs.values())))) if pairs else {}
+    # The full-size products and the rank-r ones go to the cores as two groups of similar sizes.
+    large = {"x": (g, weight), "weight": (g.T, x2)}           # (N, in), (out, in)
+    small = {"A": (x2.T, u), "B": (xA_scaled.T, g)}           # (in, r), (r, out)
+    wanted = {"x": needs_x, "weight": needs_weight, "A": needs_A, "B": needs_B}
+    grads = {}
+    for group in (large, small):
+        names = [name for name in group if wanted[name]]
+        if names:
+            grads.update(zip(names, cpu.matmuls([group[name] for name in names])))
     dx = grads.get("x")
     if dx is not None:
         dx += cpu.matmul(u, lora_A.T)
