@@ -54,12 +54,10 @@ def linear_backward(dout, cache, needs_grad=(True, True, True)):
 # ---- linear with a LoRA adapter (appendix E) ------------------------------------------------
 
 
-def lora_linear_forward(x, weight, bias, lora_A, lora_B, scale, needs_grad=(True, True, True, True, True)):
+def lora_linear_forward(x, weight, bias, lora_A, lora_B, scale):
     # x: (N..., in)  weight: (out, in)  bias: (out,) or None  lora_A: (in, r)  lora_B: (r, out)
     #   ->  (N..., out) = x W^T + b + scale (x A) B
     # The update goes through the (N, r) product x A, never through the (out, in) matrix A B.
-    # needs_grad: which of (x, weight, bias, lora_A, lora_B) get a gradient; the backward pass
-    # computes only those (a frozen W costs no dW, an input from a frozen layer no dx).
     n_in, n_out, rank = weight.shape[1], weight.shape[0], lora_A.shape[-1]
     if x.shape[-1] != n_in:
         raise ValueError(f"lora_linear: input of shape {x.shape} does not fit weight of shape {weight.shape} "
@@ -74,18 +72,20 @@ def lora_linear_forward(x, weight, bias, lora_A, lora_B, scale, needs_grad=(True
         out += bias
     xA *= scale                                               # s x A: (N, r), the smallest place for s
     out += cpu.matmul(xA, lora_B)
-    cache = (x2, x.shape, weight, lora_A, lora_B, xA, scale, bias is not None, tuple(needs_grad))
+    cache = (x2, x.shape, weight, lora_A, lora_B, xA, scale, bias is not None)
     return out.reshape(*x.shape[:-1], n_out), cache
 
 
-def lora_linear_backward(dout, cache):
+def lora_linear_backward(dout, cache, needs_grad=(True, True, True, True, True)):
     # out = x W^T + b + h B with h = s x A (N, r). With g = dout (N, out):
     #   dB = h^T g                     (r, out)
     #   dh = g B^T, so d(xA) = s g B^T (N, r), call it u
     #   dA = x^T u                     (in, r)
     #   dx = g W + u A^T               (N, in): the frozen path and the adapter's
     #   dW = g^T x,  db = sum of g over positions   (only for a weight that is trained)
-    x2, x_shape, weight, lora_A, lora_B, xA_scaled, scale, has_bias, needs_grad = cache
+    # needs_grad (x, W, b, A, B): only those are computed. LoRA freezes W and b, so a step
+    # costs dx, dA and dB, and no dx either behind frozen layers (the first block's inputs).
+    x2, x_shape, weight, lora_A, lora_B, xA_scaled, scale, has_bias = cache
     needs_x, needs_weight, needs_bias, needs_A, needs_B = needs_grad
     g = dout.reshape(-1, dout.shape[-1])                      # (N, out)
     u = None
@@ -633,7 +633,7 @@ def dropout_backward(dout, cache):
 # ---- the public ops (Tensors in, Tensor out) ------------------------------------------------
 
 linear = fused(linear_forward, linear_backward, "linear", skips_grads=True)
-_lora_linear = fused(lora_linear_forward, lora_linear_backward, "lora_linear")
+_lora_linear = fused(lora_linear_forward, lora_linear_backward, "lora_linear", skips_grads=True)
 embedding = fused(embedding_forward, embedding_backward, "embedding")
 _layer_norm = fused(layer_norm_forward, layer_norm_backward, "layer_norm", skips_grads=True)
 gelu = fused(gelu_forward, gelu_backward, "gelu")
@@ -653,8 +653,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale):
     Only the inputs that require grad get a gradient, and only theirs are computed: with
     W and b frozen, as LoRA trains them, a backward pass costs dx, dA and dB.
     """
-    needs_grad = tuple(isinstance(t, Tensor) and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
-    return _lora_linear(x, weight, bias, lora_A, lora_B, scale=scale, needs_grad=needs_grad)
+    return _lora_linear(x, weight, bias, lora_A, lora_B, scale=scale)
 
 
 def layer_norm(x, scale, shift, eps=1e-5):
