@@ -7,8 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reference import instruct as torch_instruct
-from tinygrad_llm.finetune.instruct import (InstructionDataset, custom_collate_fn, format_input,
-                                            load_instruction_data, split_instruction_data)
+from tinygrad_llm.finetune.instruct import (InstructionDataset, custom_collate_fn, extract_response, format_input,
+                                            generate_responses, load_instruction_data, load_responses,
+                                            split_instruction_data, split_loss, write_responses)
 from tinygrad_llm.tokenizers import get_gpt2_tokenizer
 
 ENTRY = {"instruction": "Evaluate the following phrase by transforming it into the spelling given.",
@@ -124,3 +125,67 @@ def test_collate_matches_the_books_torch_collate(batch, mask_instruction):
     expected_inputs, expected_targets = torch_instruct.custom_collate_fn(items, **options)
     np.testing.assert_array_equal(inputs, expected_inputs.numpy())
     np.testing.assert_array_equal(targets, expected_targets.numpy())
+
+
+# ---- responses and the test loss -----------------------------------------------------------------
+
+SMALL = {"vocab_size": 50257, "context_length": 128, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
+         "drop_rate": 0.0, "qkv_bias": True}
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    import tinygrad_llm as tl
+
+    return tl.GPTModel(SMALL, dtype="float64", seed=3)
+
+
+def test_extract_response_is_the_books():
+    prompt = format_input(ENTRY)
+    assert extract_response(prompt + "\n\n### Response:\nThe spelling is friend.", prompt) == "The spelling is friend."
+
+
+def test_batched_responses_are_the_books_one_by_one(small_model, tokenizer, tmp_path):
+    import tinygrad_llm as tl
+    from tinygrad_llm.generate import text_to_token_ids, token_ids_to_text
+
+    entries = load_instruction_data()[:5]
+    responses = generate_responses(small_model, tokenizer, entries, max_new_tokens=12, batch_size=2, progress=False)
+    for entry, response in zip(entries, responses):
+        prompt = format_input(entry)
+        token_ids = tl.generate(small_model, text_to_token_ids(prompt, tokenizer), 12, 128, eos_id=50256)
+        assert response == extract_response(token_ids_to_text(token_ids, tokenizer), prompt)
+    path = write_responses(tmp_path / "instruction-data-with-response.json", entries, responses)
+    loaded = load_responses(path)
+    assert [e["model_response"] for e in loaded] == responses and loaded[0]["output"] == entries[0]["output"]
+
+
+def test_a_responses_file_without_responses_is_refused(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([ENTRY]))
+    with pytest.raises(ValueError, match="entry 0 has no string 'model_response'"):
+        load_responses(path)
+    path.write_text("")
+    with pytest.raises(ValueError, match="responses file .* is empty"):
+        load_responses(path)
+
+
+@pytest.mark.parametrize("mask_instruction", [False, True])
+def test_split_loss_is_the_torch_models_loss_on_the_books_batches(small_model, tokenizer, mask_instruction):
+    import torch
+
+    from reference import gpt as torch_gpt
+
+    entries = load_instruction_data()[:5]
+    result = split_loss(small_model, entries, tokenizer, batch_size=2, mask_instruction=mask_instruction)
+    torch_model = torch_gpt.load_into_torch(torch_gpt.GPTModel(SMALL).double().eval(), small_model.state_dict())
+    dataset = InstructionDataset(entries, tokenizer, mask_instruction=mask_instruction)
+    losses = []
+    for start in range(0, 5, 2):
+        inputs, targets = torch_instruct.custom_collate_fn([dataset[i] for i in range(start, min(start + 2, 5))],
+                                                           allowed_max_length=1024, mask_instruction=mask_instruction)
+        with torch.no_grad():
+            logits = torch_model(inputs)
+        losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).item())
+    assert result["loss"] == pytest.approx(np.mean(losses), rel=1e-10)  # float64 both
+    assert result["perplexity"] == pytest.approx(np.exp(np.mean(losses)), rel=1e-10)

@@ -1,4 +1,4 @@
-"""Instruction fine-tuning (the book's chapter 7): Alpaca prompts and the masked collate.
+"""Instruction fine-tuning (the book's chapter 7): Alpaca prompts, the masked collate, responses, evaluation.
 
 An entry is a dict {"instruction", "input", "output"}. The model learns to continue the
 Alpaca prompt of `format_input(entry)` with "\\n\\n### Response:\\n" and the output, then an
@@ -6,12 +6,26 @@ end-of-text token. `custom_collate_fn` pads a batch with that token (50256) and 
 targets one position left; in the targets only the first pad stays (the model must learn to
 stop), every later one becomes -100, which cross-entropy ignores. Exercise 7.2's option
 also ignores the prompt's tokens, so the loss counts only the response.
+
+After training, `generate_responses` answers the test entries (greedy, batched, stopping at
+the end token) and the responses are scored two ways: offline, by the test loss and
+perplexity and by exact match and token-F1 against the reference outputs; and, as the book
+does, by a larger model as judge (`generate_model_scores`, through Ollama: see judge.py).
 """
 import json
+import math
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .. import backend, datasets
+from ..generate import generate
+from ..train import calc_loss_loader
+from .judge import DEFAULT_MODEL, DEFAULT_TIMEOUT, DEFAULT_URL, JudgeError, JudgeUnavailableError, parse_score, query_model
 
 PROMPT_HEAD = ("Below is an instruction that describes a task. "
                "Write a response that appropriately completes the request.")
@@ -131,3 +145,187 @@ def custom_collate_fn(batch, pad_token_id=50256, ignore_index=-100, allowed_max_
         inputs, targets = inputs[:, :allowed_max_length], targets[:, :allowed_max_length]
     return (backend.to_device(np.ascontiguousarray(inputs), device),
             backend.to_device(np.ascontiguousarray(targets), device))
+
+
+def instruction_batches(dataset, batch_size=8, **collate_options):
+    """The dataset's items in order, collated in batches of `batch_size` (the last may be smaller):
+    a loader for evaluation (calc_loss_loader takes any list of batches)."""
+    return [custom_collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
+                              mask_instruction=dataset.mask_instruction, **collate_options)
+            for start in range(0, len(dataset), batch_size)]
+
+
+def split_loss(model, data, tokenizer, batch_size=8, mask_instruction=False, allowed_max_length=1024):
+    """{"loss", "perplexity"} of the model on entries `data` (the test split, say), in batches of the book's collate."""
+    dataset = InstructionDataset(data, tokenizer, mask_instruction=mask_instruction)
+    loss = calc_loss_loader(instruction_batches(dataset, batch_size, allowed_max_length=allowed_max_length),
+                            model, device=None)
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf")}
+
+
+# ---- responses ---------------------------------------------------------------------------------
+
+
+def extract_response(generated_text, input_text):
+    """The book's: the text after the prompt, without the "### Response:" header, stripped."""
+    return generated_text[len(input_text):].replace("### Response:", "").strip()
+
+
+def generate_responses(model, tokenizer, entries, max_new_tokens=256, batch_size=8, eos_id=50256,
+                       context_size=None, progress=True):
+    """The model's response to each entry's prompt (a list of str), as the book generates them:
+    greedy, at most max_new_tokens, stopping at eos_id. Prompts of similar length share a
+    batch (fewer pads); each response is the one its prompt gets alone."""
+    context_size = model.cfg["context_length"] if context_size is None else context_size
+    prompts = [format_input(entry) for entry in entries]
+    prompt_ids = [np.array(tokenizer.encode(prompt, allowed_special={"<|endoftext|>"})) for prompt in prompts]
+    by_length = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
+    responses = [None] * len(prompts)
+    batches = [by_length[start:start + batch_size] for start in range(0, len(by_length), batch_size)]
+    for batch in tqdm(batches, desc="Generating responses", unit="batch", disable=not progress):
+        outputs = generate(model, [prompt_ids[i] for i in batch], max_new_tokens, context_size, eos_id=eos_id)
+        for i, token_ids in zip(batch, outputs):
+            responses[i] = extract_response(tokenizer.decode(token_ids.tolist()), prompts[i])
+    return responses
+
+
+def write_responses(path, entries, responses, json_key="model_response"):
+    """The book's instruction-data-with-response.json: each entry with its response under `json_key`."""
+    with_responses = [{**entry, json_key: response} for entry, response in zip(entries, responses, strict=True)]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(with_responses, f, indent=4)
+    return path
+
+
+def load_responses(path, json_key="model_response"):
+    """The entries of a responses file, each checked to hold instruction, output and `json_key`."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError(f"responses file {path} is empty: expected the JSON list write_responses writes")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"responses file {path} is not valid JSON: {error}") from None
+    return check_instruction_data(data, source=str(path), keys=("instruction", "output", json_key))
+
+
+# ---- offline metrics ---------------------------------------------------------------------------
+
+
+def normalize_answer(text):
+    """SQuAD's normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def exact_match(prediction, reference):
+    """1.0 when the two texts are equal after normalize_answer, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def token_f1(prediction, reference):
+    """SQuAD's token F1: the harmonic mean of the precision and recall of the shared (normalised) words."""
+    predicted, expected = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not predicted or not expected:
+        return float(predicted == expected)
+    shared = sum((Counter(predicted) & Counter(expected)).values())
+    if shared == 0:
+        return 0.0
+    precision, recall = shared / len(predicted), shared / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def response_metrics(entries, json_key="model_response"):
+    """{"exact_match", "token_f1", "count"}: the means over entries of their response against their output."""
+    pairs = [(entry[json_key], entry["output"]) for entry in entries]
+    return {"exact_match": float(np.mean([exact_match(p, r) for p, r in pairs])),
+            "token_f1": float(np.mean([token_f1(p, r) for p, r in pairs])),
+            "count": len(pairs)}
+
+
+# ---- the judge ---------------------------------------------------------------------------------
+
+
+def judge_prompt(entry, json_key="model_response"):
+    """The book's judge prompt: score the response from 0 to 100 given the prompt and the correct output."""
+    return (f"Given the input `{format_input(entry)}` "
+            f"and correct output `{entry['output']}`, "
+            f"score the model response `{entry[json_key]}`"
+            f" on a scale from 0 to 100, where 100 is the best score. "
+            f"Respond with the integer number only.")
+
+
+def rubric_judge_prompt(entry, json_key="model_response"):
+    """A judge prompt with a 1-5 rubric: each score has a meaning, which makes a judge's scores steadier."""
+    return (f"You are a fair judge of answers to instructions. Given the input `{format_input(entry)}` "
+            f"and correct output `{entry['output']}`, rate the model response `{entry[json_key]}` "
+            "on this scale:\n"
+            "1: it does not follow the instruction, or it is wrong\n"
+            "2: it follows the instruction but is mostly wrong or incomplete\n"
+            "3: it is partly correct, with clear errors or omissions\n"
+            "4: it is correct, with small flaws in content or wording\n"
+            "5: it is correct, complete and well phrased\n"
+            "Respond with the integer number only.")
+
+
+JUDGE_PROMPTS = {"book": (judge_prompt, (0, 100)), "rubric": (rubric_judge_prompt, (1, 5))}
+
+
+@dataclass
+class JudgeReport:
+    """The judge's score of each entry (None where it gave none) and the reason of each failure."""
+    scores: list
+    scale: tuple
+    failures: list = field(default_factory=list)  # (entry index, reason)
+
+    @property
+    def scored(self):
+        return [score for score in self.scores if score is not None]
+
+    @property
+    def mean(self):
+        return float(np.mean(self.scored)) if self.scored else float("nan")
+
+    def summary(self):
+        low, high = self.scale
+        return (f"average score {self.mean:.2f} (scale {low}-{high}) over {len(self.scored)} of "
+                f"{len(self.scores)} entries; {len(self.failures)} not scored")
+
+
+def judge_responses(entries, json_key="model_response", model=DEFAULT_MODEL, url=DEFAULT_URL, prompt="book",
+                    timeout=DEFAULT_TIMEOUT, progress=True):
+    """Ask the judge to score every entry's response: a JudgeReport.
+
+    An answer that is not one integer on the scale, a timeout or a broken connection costs
+    that entry only: it is recorded in the report and the others are still scored. When
+    the very first request finds no judge at all (nothing listening, an HTTP error such as
+    an unknown model), JudgeUnavailableError is raised at once, as every entry would fail alike.
+    """
+    if prompt not in JUDGE_PROMPTS:
+        raise ValueError(f"unknown judge prompt {prompt!r}: expected one of {sorted(JUDGE_PROMPTS)}")
+    build_prompt, (low, high) = JUDGE_PROMPTS[prompt]
+    report = JudgeReport(scores=[], scale=(low, high))
+    for i, entry in enumerate(tqdm(entries, desc="Scoring entries", disable=not progress)):
+        try:
+            reply = query_model(build_prompt(entry, json_key), model=model, url=url, timeout=timeout)
+        except JudgeError as error:
+            if i == 0 and isinstance(error, JudgeUnavailableError):
+                raise
+            score, reason = None, str(error)
+        else:
+            score = parse_score(reply, low, high)
+            reason = None if score is not None else f"could not convert score: {reply!r}"
+        report.scores.append(score)
+        if reason is not None:
+            report.failures.append((i, reason))
+    return report
+
+
+def generate_model_scores(json_data, json_key, model=DEFAULT_MODEL, url=DEFAULT_URL, prompt="book",
+                          timeout=DEFAULT_TIMEOUT):
+    """The book's function: the judge's integer scores of the entries it could score (the others skipped, named)."""
+    report = judge_responses(json_data, json_key, model=model, url=url, prompt=prompt, timeout=timeout)
+    for index, reason in report.failures:
+        tqdm.write(f"entry {index}: {reason}")
+    return report.scored
