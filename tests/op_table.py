@@ -365,6 +365,11 @@ def seeded(call, seed):
     return call()
 
 
+# The device compare_with_torch runs ours on: dropout masks differ between the CPU (drawn
+# bits) and a GPU (hashed bits), so the torch side reads the mask off that same device.
+_ours_device = ["cpu"]
+
+
 def dropout_keep_mask(shape, p, seed, torch_dtype):
     """The keep-mask our dropout draws under `seed`, read off by dropping out a tensor of ones.
 
@@ -373,7 +378,7 @@ def dropout_keep_mask(shape, p, seed, torch_dtype):
     `dropout(softmax(scores)) @ v`), so the same read-off serves both.
     """
     dtype = np.float32 if torch_dtype == torch.float32 else np.float64
-    ones = Tensor(np.ones(shape, dtype))
+    ones = Tensor(np.ones(shape, dtype), device=_ours_device[0])
     return torch.as_tensor(seeded(lambda: F.dropout(ones, p), seed).numpy() != 0)
 
 
@@ -514,17 +519,18 @@ def _outputs(result):
     return list(result) if isinstance(result, (list, tuple)) else [result]
 
 
-def compare_with_torch(op, case, dtype):
+def compare_with_torch(op, case, dtype, device=None):
     """Run `case` through `op` in both libraries in `dtype`; assert equal outputs and input gradients.
 
-Ours runs on the backend's default device (TINYGRAD_LLM_DEVICE), so the same table
-checks CuPy against torch on a GPU machine.
+    Ours runs on `device` (default: the backend's, TINYGRAD_LLM_DEVICE): on "cuda" the same
+    table checks CuPy, or in CI the stand-in for it, against torch.
 
     The gradient flowing into each output is random, not ones: with ones, softmax's
     backward (whose rows sum against the gradient to zero) would pass with any bug.
     """
     tolerance = op.tolerance(dtype)
-    device = backend.default_device()
+    device = backend.default_device() if device is None else device
+    _ours_device[0] = device
     arrays = [a.astype(dtype) if a.dtype.kind == "f" else a for a in case.inputs]
     ours_inputs = [Tensor(a, requires_grad=a.dtype.kind == "f", device=device) for a in arrays]
     torch_inputs = [torch.tensor(a, requires_grad=a.dtype.kind == "f") for a in arrays]

@@ -58,9 +58,9 @@ def gpt_cases(draw, max_layers=3):
     return cfg, idx, targets, seed
 
 
-def twins(cfg, dtype, seed=0, fused=False):
-    """Our GPTModel and the torch reference holding the same weights."""
-    model = tl.GPTModel(cfg, dtype=dtype, seed=seed)
+def twins(cfg, dtype, seed=0, fused=False, device="cpu"):
+    """Our GPTModel (on `device`) and the torch reference holding the same weights."""
+    model = tl.GPTModel(cfg, dtype=dtype, seed=seed).to(device=device)
     reference = load_into_torch(TorchGPTModel(cfg, fused=fused).to(TORCH_DTYPE[dtype]), model.state_dict())
     return model, reference
 
@@ -88,7 +88,7 @@ def compare_step(model, reference, idx, targets, dtype):
     assert names == list(torch_params)
     largest = max(float(p.grad.abs().max()) for p in torch_params.values())
     for name, p in model.named_parameters():
-        assert_close(p.grad, torch_params[name].grad, dtype, f"gradient of {name}", scale=largest)
+        assert_close(tl.backend.to_host(p.grad), torch_params[name].grad, dtype, f"gradient of {name}", scale=largest)
 
 
 # ---- forward and backward against the reference -----------------------------------------
@@ -97,9 +97,9 @@ def compare_step(model, reference, idx, targets, dtype):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @few
 @given(case=gpt_cases())
-def test_logits_loss_and_gradients_match_torch(dtype, case):
+def test_logits_loss_and_gradients_match_torch(dtype, case, device):
     cfg, idx, targets, seed = case
-    compare_step(*twins(cfg, dtype, seed), idx, targets, dtype)
+    compare_step(*twins(cfg, dtype, seed, device=device), idx, targets, dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -125,9 +125,9 @@ def test_benchmark_reference_computes_the_book_function():
 
 @settings(max_examples=4, deadline=None)
 @given(case=gpt_cases(max_layers=2))
-def test_ten_adamw_steps_with_clipping_match_torch(case):
+def test_ten_adamw_steps_with_clipping_match_torch(case, device):
     cfg, idx, targets, seed = case
-    model, reference = twins(cfg, np.float64, seed)
+    model, reference = twins(cfg, np.float64, seed, device=device)
     # lr 1e-2 and max_norm 0.5 make the clipping and the weight decay matter at every step.
     optimizer = tl.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     torch_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
@@ -136,7 +136,7 @@ def test_ten_adamw_steps_with_clipping_match_torch(case):
         optimizer.zero_grad()
         loss = our_loss(model, idx, targets)
         loss.backward()
-        norms.append(tl.optim.clip_grad_norm_(model.parameters(), 0.5))
+        norms.append(float(tl.optim.clip_grad_norm_(model.parameters(), 0.5)))
         optimizer.step()
         losses.append(loss.item())
 

@@ -27,8 +27,8 @@ ops = pytest.mark.parametrize("op", OPS, ids=[op.name for op in OPS])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @examples(50)
 @given(data=st.data())
-def test_op_matches_torch(op, dtype, data):
-    compare_with_torch(op, data.draw(op.cases, label="case"), dtype)
+def test_op_matches_torch(op, dtype, data, device):
+    compare_with_torch(op, data.draw(op.cases, label="case"), dtype, device)
 
 
 @ops

@@ -17,14 +17,44 @@ _default_dtype = np.dtype(np.float32)
 _generator = np.random.default_rng()
 
 
+_cuda_module = None  # CuPy once imported and checked, or the module given to use_cuda_module
+
+
 def _cupy():
-    try:
-        import cupy
-    except ImportError as error:
-        raise RuntimeError(
-            "device 'cuda' needs CuPy: pip install 'tinygrad_llm[gpu]' (or a cupy-cudaXXx wheel)"
-        ) from error
-    return cupy
+    global _cuda_module
+    if _cuda_module is None:
+        try:
+            import cupy
+        except ImportError as error:
+            raise RuntimeError(
+                "device 'cuda' needs CuPy, which is not installed: pip install 'tinygrad_llm[gpu]' "
+                "(a cupy-cuda12x or cupy-cuda13x wheel matching the CUDA driver), or use device 'cpu'"
+            ) from error
+        try:
+            gpus = cupy.cuda.runtime.getDeviceCount()
+        except Exception as error:  # CUDARuntimeError: no driver, or a driver too old for this CuPy
+            raise RuntimeError(f"device 'cuda' needs a CUDA GPU, and CuPy finds none ({error}); "
+                               "use device 'cpu'") from error
+        if gpus == 0:
+            raise RuntimeError("device 'cuda' needs a CUDA GPU, and CuPy finds none; use device 'cpu'")
+        _cuda_module = cupy
+    return _cuda_module
+
+
+def use_cuda_module(module):
+    """Make `module` the array module of device "cuda" in place of CuPy; returns the previous one.
+
+    `module` must offer CuPy's API and rules (the test suite's CPU stand-in does, so CI runs
+    the device path without a GPU); None goes back to importing CuPy on first use.
+    """
+    global _cuda_module
+    previous, _cuda_module = _cuda_module, module
+    return previous
+
+
+def cuda_is_cupy():
+    """True when device "cuda" is CuPy on a GPU (not a stand-in): CUDA kernels can run."""
+    return _cupy().__name__ == "cupy"
 
 
 def check_device(device):
@@ -57,7 +87,7 @@ def to_device(array, device):
     if device_of(array) == check_device(device):
         return array
     if device == "cpu":
-        return array.get()
+        return _cupy().asnumpy(array)
     return _cupy().asarray(array)
 
 

@@ -70,6 +70,26 @@ def _unbroadcast(grad, shape):
     return grad.sum(axis=tuple(range(extra)) + stretched, keepdims=True).reshape(shape)
 
 
+def _grad(tensor, gradient):
+    """gradient() when `tensor` needs one, else None (a constant's is never computed)."""
+    return gradient() if tensor.requires_grad else None
+
+
+def _constant(value):
+    """A Tensor that needs no gradient around a scalar or array, as it is (no conversion)."""
+    out = Tensor.__new__(Tensor)
+    out.data, out.grad, out.requires_grad, out._parents, out._backward, out._op = value, None, False, (), None, ""
+    return out
+
+
+def _check_same_device(*tensors):
+    """One op's Tensors all on one device, or a ValueError naming the devices (a scalar constant fits any)."""
+    devices = {t.device for t in tensors if t.data.ndim or not isinstance(t.data, np.generic)}
+    if len(devices) > 1:
+        raise ValueError(f"an op mixes tensors on devices {' and '.join(map(repr, sorted(devices)))}: "
+                         "move them to one device first with .to(device)")
+
+
 def _require_float(tensor, op):
     if tensor.data.dtype.kind != "f":
         raise TypeError(f"{op} needs a float tensor, got {tensor.data.dtype}")
@@ -102,11 +122,17 @@ class Tensor:
         return out
 
     def _lift(self, other):
-        """A Python scalar, array or Tensor as a Tensor beside self (scalars keep self's dtype)."""
+        """A Python scalar, array or Tensor as a Tensor beside self (scalars keep self's dtype).
+
+        A scalar stays a NumPy scalar (np.float32(2.0), not a 0-d array): CuPy passes those
+        to its kernels by value and refuses NumPy arrays. An array is copied to self's
+        device; a Tensor on another device is an error naming both.
+        """
         if isinstance(other, Tensor):
+            _check_same_device(self, other)
             return other
         if isinstance(other, (int, float)) and self.data.dtype.kind == "f":
-            return Tensor(self.data.dtype.type(other))
+            return _constant(self.data.dtype.type(other))
         return Tensor(other, device=self.device)
 
     def backward(self, grad=None, retain_graph=False):
@@ -199,25 +225,29 @@ class Tensor:
     def __add__(self, other):
         a, b = self, self._lift(other)
         return Tensor._make(a.data + b.data, (a, b),
-                            lambda g: (_unbroadcast(g, a.shape), _unbroadcast(g, b.shape)), "add")
+                            lambda g: (_grad(a, lambda: _unbroadcast(g, a.shape)),
+                                       _grad(b, lambda: _unbroadcast(g, b.shape))), "add")
 
     def __sub__(self, other):
         a, b = self, self._lift(other)
         return Tensor._make(a.data - b.data, (a, b),
-                            lambda g: (_unbroadcast(g, a.shape), _unbroadcast(-g, b.shape)), "sub")
+                            lambda g: (_grad(a, lambda: _unbroadcast(g, a.shape)),
+                                       _grad(b, lambda: _unbroadcast(-g, b.shape))), "sub")
 
     def __mul__(self, other):
         a, b = self, self._lift(other)
         # d(ab)/da = b, d(ab)/db = a
         return Tensor._make(a.data * b.data, (a, b),
-                            lambda g: (_unbroadcast(g * b.data, a.shape), _unbroadcast(g * a.data, b.shape)), "mul")
+                            lambda g: (_grad(a, lambda: _unbroadcast(g * b.data, a.shape)),
+                                       _grad(b, lambda: _unbroadcast(g * a.data, b.shape))), "mul")
 
     def __truediv__(self, other):
         a, b = self, self._lift(other)
         out = a.data / b.data
         # d(a/b)/da = 1/b, d(a/b)/db = -a/b^2 = -out/b
         return Tensor._make(out, (a, b),
-                            lambda g: (_unbroadcast(g / b.data, a.shape), _unbroadcast(-g * out / b.data, b.shape)), "div")
+                            lambda g: (_grad(a, lambda: _unbroadcast(g / b.data, a.shape)),
+                                       _grad(b, lambda: _unbroadcast(-g * out / b.data, b.shape))), "div")
 
     def __neg__(self):
         return Tensor._make(-self.data, (self,), lambda g: (-g,), "neg")
@@ -393,10 +423,12 @@ def tensor(data, requires_grad=False, dtype=None, device=None):
 
 
 def concatenate(tensors, axis=0):
-    tensors = [t if isinstance(t, Tensor) else Tensor(t) for t in tensors]
+    device = next((t.device for t in tensors if isinstance(t, Tensor)), backend.default_device())
+    tensors = [t if isinstance(t, Tensor) else Tensor(t, device=device) for t in tensors]
+    _check_same_device(*tensors)
     xp = tensors[0].xp
     out = xp.concatenate([t.data for t in tensors], axis=axis)
-    bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
+    bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1].tolist()
     return Tensor._make(out, tuple(tensors), lambda g: tuple(xp.split(g, bounds, axis=axis)), "concatenate")
 
 
@@ -422,12 +454,13 @@ def where(condition, a, b):
     ref = a if isinstance(a, Tensor) else b
     a, b = ref._lift(a), ref._lift(b)
     xp = ref.xp
-    zero = xp.zeros((), dtype=ref.dtype)
+    condition = backend.to_device(condition, ref.device)
+    zero = ref.dtype.type(0)
     out = xp.where(condition, a.data, b.data)
     return Tensor._make(
         out, (a, b),
-        lambda g: (_unbroadcast(xp.where(condition, g, zero), a.shape),
-                   _unbroadcast(xp.where(condition, zero, g), b.shape)),
+        lambda g: (_grad(a, lambda: _unbroadcast(xp.where(condition, g, zero), a.shape)),
+                   _grad(b, lambda: _unbroadcast(xp.where(condition, zero, g), b.shape))),
         "where")
 
 
@@ -447,6 +480,7 @@ def fused(forward, backward, name=None, skips_grads=False):
 
     @functools.wraps(forward)
     def op(*inputs, **options):
+        _check_same_device(*(x for x in inputs if isinstance(x, Tensor)))
         arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
         out, cache = forward(*arrays, **options)
         tensor_slots = [i for i, x in enumerate(inputs) if isinstance(x, Tensor)]
