@@ -7,6 +7,7 @@ public names (`linear`, `layer_norm`, ...) take Tensors. The arrays may be NumPy
 `xp_of` picks the module. Shapes in comments: B batch, T time, C channels, H heads,
 D head size, V vocabulary, N = any number of leading positions.
 """
+import functools
 import math
 
 import numpy as np
@@ -113,27 +114,36 @@ def lora_linear_backward(dout, cache, needs_grad=(True, True, True, True, True))
 
 
 def check_token_ids(ids, vocab_size, what="token id"):
-    """Integer ids, all in [0, vocab_size), or a ValueError naming the first bad one."""
+    """Integer ids, all in [0, vocab_size), or a ValueError naming the first bad one.
+
+    Ids on the host are checked there, before they are copied to a device; ids already on
+    a GPU cost one sync (their minimum and maximum come to the host together).
+    """
     ids = ids.data if isinstance(ids, Tensor) else ids
-    xp = xp_of(ids)
-    ids = xp.asarray(ids)
+    ids = ids if backend.device_of(ids) == "cuda" else np.asarray(ids)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"{what}s must be integers, got dtype {ids.dtype}")
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-        raise ValueError(f"{what} {bad} is out of range: the vocabulary has {vocab_size} entries (0..{vocab_size - 1})")
+    if ids.size:
+        xp = xp_of(ids)
+        low, high = backend.to_host(xp.stack([ids.min(), ids.max()])).tolist()
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"{what} {bad} is out of range: the vocabulary has {vocab_size} entries "
+                             f"(0..{vocab_size - 1})")
     return ids
 
 
 def embedding_forward(ids, weight):
-    # ids: (B, T) integers  weight: (V, C)  ->  (B, T, C)
-    ids = check_token_ids(ids, weight.shape[0])
+    # ids: (B, T) integers  weight: (V, C)  ->  (B, T, C); host ids are checked on the host,
+    # then copied to the weight's device once.
+    ids = backend.to_device(check_token_ids(ids, weight.shape[0]), backend.device_of(weight))
     return weight[ids], (ids, weight.shape, weight.dtype)
 
 
 def embedding_backward(dout, cache):
     # out[b, t] = W[ids[b, t]]  =>  dW[v] = sum of dout[b, t] over the positions with ids[b, t] == v.
     # Repeated ids must add up: sort the ids, then sum each run of equal ids in one pass.
+    # On a GPU the runs are summed by scatter-adds instead (atomic, so not bit-reproducible).
     ids, shape, dtype = cache
     xp = xp_of(dout)
     flat_ids = ids.reshape(-1)
@@ -141,13 +151,13 @@ def embedding_backward(dout, cache):
     dweight = xp.zeros(shape, dtype=dtype)
     if flat_ids.size == 0:
         return None, dweight
-    order = xp.argsort(flat_ids, kind="stable")
-    sorted_ids = flat_ids[order]
-    starts = xp.flatnonzero(xp.concatenate([xp.ones(1, bool), sorted_ids[1:] != sorted_ids[:-1]]))
-    if xp is np:
-        dweight[sorted_ids[starts]] = np.add.reduceat(d2[order], starts, axis=0)
-    else:
+    if xp is not np:
         xp.add.at(dweight, flat_ids, d2)
+        return None, dweight
+    order = np.argsort(flat_ids, kind="stable")
+    sorted_ids = flat_ids[order]
+    starts = np.flatnonzero(np.concatenate([np.ones(1, bool), sorted_ids[1:] != sorted_ids[:-1]]))
+    dweight[sorted_ids[starts]] = np.add.reduceat(d2[order], starts, axis=0)
     return None, dweight
 
 
@@ -329,6 +339,9 @@ def _exp_shifted(x, out, bias=None, allowed=None):
     and 0s; on the fast paths exp() is taken unmasked and multiplied by `allowed`.
     """
     xp = xp_of(x)
+    if xp is not np:
+        # On a GPU the tests below would each wait for the device: take the row maximum.
+        return _exp_shifted_by_row_max(x, out, bias)
     low, high = x.min(), x.max()
     if -_EXP_RANGE <= low and high <= _EXP_RANGE:
         shift = 0.0
@@ -338,14 +351,19 @@ def _exp_shifted(x, out, bias=None, allowed=None):
         xp.subtract(x, shift, out=out)
         xp.exp(out, out=out)
     else:
-        if bias is not None:
-            x = xp.add(x, bias, out=out)  # masked scores become -inf before the row maximum
-        shift = x.max(axis=-1, keepdims=True)
-        xp.subtract(x, shift, out=out)
-        xp.exp(out, out=out)
-        return shift
+        return _exp_shifted_by_row_max(x, out, bias)
     if allowed is not None:
         out *= allowed
+    return shift
+
+
+def _exp_shifted_by_row_max(x, out, bias):
+    xp = xp_of(x)
+    if bias is not None:
+        x = xp.add(x, bias, out=out)  # masked scores become -inf before the row maximum
+    shift = x.max(axis=-1, keepdims=True)
+    xp.subtract(x, shift, out=out)
+    xp.exp(out, out=out)
     return shift
 
 
@@ -422,34 +440,39 @@ def _cross_entropy_grad_rows(z, lse, targets, weight, out):
 def cross_entropy_forward(logits, targets, ignore_index=-100):
     # logits: (N..., V)  targets: (N...) integers  ->  scalar mean over the targets kept
     xp = xp_of(logits)
-    targets = targets.data if isinstance(targets, Tensor) else xp.asarray(targets)
+    targets = targets.data if isinstance(targets, Tensor) else targets
+    targets = targets if backend.device_of(targets) == "cuda" else np.asarray(targets)
     vocab = logits.shape[-1]
     if targets.shape != logits.shape[:-1]:
         raise ValueError(f"cross_entropy: targets of shape {targets.shape} do not match logits of shape "
                          f"{logits.shape} (expected {logits.shape[:-1]})")
     z = logits.reshape(-1, vocab)
+    # Host targets are checked on the host, then copied once; the count of kept targets
+    # stays on the device (no sync).
     t = targets.reshape(-1)
+    check_token_ids(xp_of(t).where(t != ignore_index, t, 0), vocab, what="target")
+    t = backend.to_device(t, backend.device_of(logits))
     kept = t != ignore_index
     safe_t = xp.where(kept, t, 0)
-    check_token_ids(safe_t, vocab, what="target")
     # -log softmax(z)[t] = logsumexp(z) - z[t]. The logits are the largest array of a
     # training step (N x 50257): blocks of rows on every core keep exp() in the cache,
     # and nothing of their size is stored for the backward pass.
     lse = xp.empty(z.shape[0], z.dtype)
     cpu.parallel_map(_logsumexp_rows, [(z[rows], lse[rows]) for rows in cpu.row_blocks(*z.shape, xp)])
     nll = lse - z[xp.arange(z.shape[0]), safe_t]
-    n_kept = int(kept.sum())
-    loss = xp.where(kept, nll, 0).sum() / n_kept if n_kept else xp.asarray(np.nan, logits.dtype)
-    return xp.asarray(loss, dtype=logits.dtype), (logits, lse, safe_t, kept, n_kept)
+    n_kept = kept.sum()
+    count = xp.maximum(n_kept, 1).astype(z.dtype)
+    loss = xp.where(n_kept > 0, xp.where(kept, nll, 0).sum() / count, z.dtype.type(np.nan))
+    return xp.asarray(loss, dtype=logits.dtype), (logits, lse, safe_t, kept, count)
 
 
 def cross_entropy_backward(dout, cache):
     # loss = mean over kept rows of -log softmax(z)[t]  =>  dz = (softmax(z) - onehot(t)) / n_kept
     # on kept rows, 0 on ignored ones; the softmax is recomputed from the logits and lse.
-    logits, lse, targets, kept, n_kept = cache
+    logits, lse, targets, kept, count = cache
     xp = xp_of(logits)
     z = logits.reshape(-1, logits.shape[-1])
-    weight = (kept * (dout / max(n_kept, 1))).astype(z.dtype)
+    weight = (kept * (dout / count)).astype(z.dtype)
     dz = xp.empty_like(z)
     cpu.parallel_map(_cross_entropy_grad_rows, [(z[rows], lse[rows], targets[rows], weight[rows], dz[rows])
                                                 for rows in cpu.row_blocks(*z.shape, xp)])
@@ -510,26 +533,64 @@ def log_sigmoid_backward(dout, cache):
 # ---- attention ------------------------------------------------------------------------------
 
 
-def causal_mask(t_query, t_key):
+def causal_mask(t_query, t_key, xp=np):
     """True where a query may not look: key positions after the query's own.
 
     The queries are the last `t_query` of `t_key` positions (with a KV cache the keys
     include earlier tokens), so query i sits at position t_key - t_query + i.
     """
-    return np.triu(np.ones((t_query, t_key), dtype=bool), k=t_key - t_query + 1)
+    return xp.triu(xp.ones((t_query, t_key), dtype=bool), k=t_key - t_query + 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_bias(t_query, t_key, dtype, xp):
+    """The causal mask as an additive bias (0 or -inf) and as 1s and 0s, (T, S) in `dtype`.
+
+    Built on the arrays' device once per shape and kept: attention calls with the same
+    shape (every layer of every step) share them.
+    """
+    masked = causal_mask(t_query, t_key, xp)
+    return xp.where(masked, dtype.type(-np.inf), dtype.type(0)), (~masked).astype(dtype)
 
 
 def dropout_mask(shape, p, device):
     """Boolean keep-mask dropping each element with probability p, from the seeded generator.
 
-    Each element takes 32 random bits (half of one 64-bit draw, twice as fast as drawing a
-    float) and is dropped when they fall below p * 2^32. Drawn on the host, so NumPy and
-    CuPy get the same masks from the same seed.
+    Each element takes 32 random bits and is dropped when they fall below p * 2^32. On the
+    CPU the bits are drawn (half of one 64-bit draw each, twice as fast as drawing a float).
+    On a GPU they are made there, with nothing drawn on or copied from the host: element i
+    gets a hash of (key, i), the key one 32-bit number from the seeded generator per mask.
     """
-    n = math.prod(shape)
-    bits = backend.generator().bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
-    keep = bits >= np.uint32(min(round(p * 2**32), 2**32 - 1))
-    return backend.to_device(keep.reshape(shape), device)
+    threshold = np.uint32(min(round(p * 2**32), 2**32 - 1))
+    if device == "cpu":
+        n = math.prod(shape)
+        bits = backend.generator().bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
+        return (bits >= threshold).reshape(shape)
+    key = np.uint32(backend.generator().integers(2**32, dtype=np.uint64))
+    return counter_hash_bits(shape, key, backend.module_for(device)) >= threshold
+
+
+def _mix32(x, xp):
+    # A 32-bit integer hash (the "lowbias32" constants of Chris Wellons' hash-prospector):
+    # every input bit flips about half of the output bits. In place on uint32 x.
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def counter_hash_bits(shape, key, xp=np):
+    """32 pseudo-random bits per element, mix(mix(i) + key) for the flat index i: a
+    counter-based generator, the same on NumPy and CuPy.
+
+    The inner mix spreads neighbouring indices apart before the key is added, so masks with
+    different keys are not shifted copies of one another.
+    """
+    x = _mix32(xp.arange(math.prod(shape), dtype=np.uint32), xp)
+    x += np.uint32(key)
+    return _mix32(x, xp).reshape(shape)
 
 
 def scaled_dot_product_attention_forward(q, k, v, causal=True, dropout_p=0.0, mask=None):
@@ -542,18 +603,21 @@ def scaled_dot_product_attention_forward(q, k, v, causal=True, dropout_p=0.0, ma
     (B, H, T, D), S = q.shape, k.shape[-2]
     # Scaling q (B, H, T, D) costs a quarter of scaling the scores (B, H, T, S).
     q = q * q.dtype.type(1.0 / math.sqrt(D))
-    masked = causal_mask(T, S) if causal else None
-    if mask is not None:
-        masked = mask if masked is None else xp.asarray(masked) | mask
-    bias = None if masked is None else xp.asarray(xp.where(xp.asarray(masked), -np.inf, 0.0).astype(q.dtype))
-    allowed = None if masked is None else xp.asarray((~xp.asarray(masked)).astype(q.dtype))
+    if mask is None:
+        # A single query at the end of the keys (a KV-cache step) may look at all of them.
+        bias, allowed = _causal_bias(T, S, q.dtype, xp) if causal and T > 1 else (None, None)
+    else:
+        # An extra mask (a left-padded batch's pads), made on the arrays' device per call.
+        mask = backend.to_device(mask, backend.device_of(q))
+        masked = causal_mask(T, S, xp) | mask if causal else mask
+        bias, allowed = xp.where(masked, q.dtype.type(-np.inf), q.dtype.type(0)), (~masked).astype(q.dtype)
     keep = dropout_mask((B, H, T, S), dropout_p, backend.device_of(q)) if dropout_p > 0.0 else None
     att, out = xp.empty((B, H, T, S), q.dtype), xp.empty_like(q)
     cpu.parallel_map(_attention_forward_heads,
                      [(q[:, h], k[:, h], v[:, h], bias, allowed, None if keep is None else keep[:, h], dropout_p,
                        att[:, h], out[:, h])
                       for h in _head_blocks(att, xp)], uses_blas=True)
-    return out, (q, k, v, att, keep, dropout_p)
+    return out, (q, k, v, att, out, keep, dropout_p)
 
 
 def _head_blocks(att, xp):
@@ -578,22 +642,26 @@ def _attention_forward_heads(q, k, v, bias, allowed, keep, dropout_p, att, out):
 
 
 def scaled_dot_product_attention_backward(dout, cache):
-    q, k, v, att, keep, dropout_p = cache
+    q, k, v, att, out, keep, dropout_p = cache
     xp = xp_of(q)
     dq, dk, dv = xp.empty_like(q), xp.empty(k.shape, q.dtype), xp.empty(v.shape, q.dtype)
     cpu.parallel_map(_attention_backward_heads,
-                     [(dout[:, h], q[:, h], k[:, h], v[:, h], att[:, h], None if keep is None else keep[:, h],
-                       dropout_p, dq[:, h], dk[:, h], dv[:, h]) for h in _head_blocks(att, xp)], uses_blas=True)
+                     [(dout[:, h], q[:, h], k[:, h], v[:, h], att[:, h], out[:, h],
+                       None if keep is None else keep[:, h], dropout_p, dq[:, h], dk[:, h], dv[:, h])
+                      for h in _head_blocks(att, xp)], uses_blas=True)
     return dq, dk, dv
 
 
-def _attention_backward_heads(dout, q, k, v, att, keep, dropout_p, dq, dk, dv):
+def _attention_backward_heads(dout, q, k, v, att, out, keep, dropout_p, dq, dk, dv):
     # out = P' v with P' = keep * P / (1 - p), P = softmax(s), s = q' k^T, q' = q / sqrt(D):
     #   dv = P'^T dout,  dP' = dout v^T,  dP = dP' * keep / (1 - p),
-    #   ds = P * (dP - sum(dP * P))  (softmax backward, per row),
+    #   ds = P * (dP - sum_j dP_ij P_ij)  (softmax backward, per row),
     #   dq = ds k / sqrt(D),  dk = ds^T q'
+    # The row term is sum_j (dout_i . v_j) P'_ij = dout_i . out_i (FlashAttention's D_i,
+    # dropout included): a sum over D elements of (B, h, T, D), not over S of (B, h, T, S).
     # The 1/(1-p) is applied to dout (B, h, T, D) rather than to the (B, h, T, S) weights.
     xp = xp_of(q)
+    row_term = _row_sums(dout * out)[..., None]  # (B, h, T, 1)
     if keep is None:
         dropped = att
     else:
@@ -603,7 +671,7 @@ def _attention_backward_heads(dout, q, k, v, att, keep, dropout_p, dq, dk, dv):
     datt = dout @ v.swapaxes(-1, -2)
     if keep is not None:
         datt *= keep
-    datt -= xp.einsum("...ij,...ij->...i", datt, att)[..., None]
+    datt -= row_term
     datt *= att
     xp.matmul(datt, k, out=dq)
     dq *= dq.dtype.type(1.0 / math.sqrt(q.shape[-1]))

@@ -246,9 +246,10 @@ class GPTModel(Module):
         return KVCache(self.cfg, batch_size, max_length, self.dtype, self.device, padding)
 
     def forward(self, in_idx, cache=None):
-        # in_idx: (B, T) token ids  ->  logits (B, T, vocab_size)
-        idx = backend.to_device(in_idx.data if isinstance(in_idx, Tensor) else in_idx, self.device)
-        idx = self.xp.asarray(idx)
+        # in_idx: (B, T) token ids  ->  logits (B, T, vocab_size). Ids on the host stay there
+        # until the embedding has checked them, then go to the model's device in one copy.
+        idx = in_idx.data if isinstance(in_idx, Tensor) else in_idx
+        idx = idx if backend.device_of(idx) == "cuda" else np.asarray(idx)
         if idx.ndim != 2:
             raise ValueError(f"GPTModel expects token ids of shape (batch, sequence), got shape {idx.shape}")
         start = 0 if cache is None else cache.length
@@ -259,11 +260,10 @@ class GPTModel(Module):
         if cache is not None and cache.keys.shape[1] != idx.shape[0]:
             raise ValueError(f"KV cache holds {cache.keys.shape[1]} sequences, got a batch of {idx.shape[0]}")
         tok_embeds = self.tok_emb(idx)  # (B, T, C)
-        if cache is None:
-            positions = self.xp.arange(start, start + seq_len)
-        else:
-            positions = cache.positions(start, start + seq_len, self.xp)
-        pos_embeds = self.pos_emb(positions)  # (T, C), or (B, T, C) for a left-padded batch
+        if cache is None or cache.padding is None:
+            pos_embeds = self.pos_emb.weight[start:start + seq_len]  # (T, C): rows of positions known to be valid
+        else:  # a left-padded batch: (B, T, C), position ids made on the host and checked there
+            pos_embeds = self.pos_emb(cache.positions(start, start + seq_len, np))
         x = self.drop_emb(tok_embeds + pos_embeds)
         for layer, block in enumerate(self.trf_blocks):
             x = block(x, cache, layer)

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from . import cpu
+from . import backend, cpu
 from .backend import xp_of
 
 # Elements per chunk: an update's five chunks (512 KB each in float32) stay in the cache
@@ -41,6 +41,14 @@ class Optimizer:
     def zero_grad(self):
         for p in self.parameters():
             p.grad = None
+
+    def _state_of(self, p):
+        """The state of parameter p, moved beside p when Module.to moved p since the last step."""
+        state = self.state.setdefault(id(p), {})
+        for name, value in state.items():
+            if hasattr(value, "shape") and (backend.device_of(value) != p.device or value.dtype != p.dtype):
+                state[name] = backend.to_device(value, p.device).astype(p.dtype, copy=False)
+        return state
 
     def state_dict(self):
         """Per-parameter state in parameter order (index -> {name: array or number}) and the groups."""
@@ -76,7 +84,7 @@ class SGD(Optimizer):
                 if group["weight_decay"]:
                     grad = grad + group["weight_decay"] * p.data
                 if group["momentum"]:
-                    state = self.state.setdefault(id(p), {})
+                    state = self._state_of(p)
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = grad.copy()
                     else:
@@ -105,7 +113,7 @@ class AdamW(Optimizer):
                 if p.grad is None:
                     continue
                 xp = xp_of(p.data)
-                state = self.state.setdefault(id(p), {})
+                state = self._state_of(p)
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = xp.zeros_like(p.data)
@@ -151,11 +159,20 @@ def clip_grad_norm_(params, max_norm):
     """Scale all gradients together so their joint L2 norm is at most max_norm (as torch).
 
     Returns the norm before clipping; the scale is max_norm / (norm + 1e-6), applied when < 1.
+    On the CPU the norm is a float; on a GPU it stays there, a 0-d array (float() of it
+    waits for the device), and the scale min(1, ...) is applied without asking the host.
     """
-    grads = {id(p.grad): p.grad for p in params if p.grad is not None}.values()
+    grads = list({id(p.grad): p.grad for p in params if p.grad is not None}.values())
     if not grads:
         return 0.0
-    total = math.sqrt(sum(float(xp_of(g).vdot(g.reshape(-1), g.reshape(-1))) for g in grads))
+    xp = xp_of(grads[0])
+    if xp is not np:
+        total = xp.sqrt(sum(xp.vdot(g.reshape(-1), g.reshape(-1)).astype(np.float64) for g in grads))
+        scale = xp.minimum(max_norm / (total + 1e-6), 1.0)
+        for g in grads:
+            g *= scale.astype(g.dtype)
+        return total
+    total = math.sqrt(sum(float(np.vdot(g.reshape(-1), g.reshape(-1))) for g in grads))
     scale = max_norm / (total + 1e-6)
     if scale < 1.0:
         for g in grads:

@@ -93,8 +93,7 @@ def calc_loss_batch(input_batch, target_batch, model, device):
     """Mean cross-entropy of the next-token predictions of one batch (a Tensor, for backward)."""
     _check_device(model, device)
     logits = model(input_batch)  # (B, T, V)
-    targets = backend.to_device(np.asarray(target_batch), model.device)
-    return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, target_batch)  # host targets are checked there, then copied once
 
 
 def calc_loss_loader(data_loader, model, device, num_batches=None):
