@@ -108,6 +108,7 @@ def test_every_linear_is_wrapped_and_only_the_adapters_train():
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable == [f"{name}.lora.{part}" for name in expected + ["out_head"] for part in "AB"]
     assert isinstance(model.trf_blocks[0].att.W_query.linear, nn.Linear)
+    assert model.out_head.weight is model.out_head.linear.weight and model.out_head.weight.shape == (2, 8)
 
 
 def test_adapting_twice_is_refused():

@@ -76,9 +76,14 @@ class LinearWithLoRA(Module):
         self.lora = LoRALayer(in_dim, out_dim, rank, alpha, dtype=linear.weight.dtype, rng=rng)
         self.lora.to(device=linear.weight.device)
 
+    # The wrapped layer's weight and bias, read through: code that asks a layer for its
+    # shape (a classifier's number of classes) works on an adapted layer too.
+    weight = property(lambda self: self.linear.weight)
+    bias = property(lambda self: self.linear.bias)
+
     def forward(self, x):
         # linear(x) + lora(x) in one op: out = x W^T + b + (alpha / rank) (x A) B
-        return F.lora_linear(x, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale)
+        return F.lora_linear(x, self.weight, self.bias, self.lora.A, self.lora.B, self.lora.scale)
 
 
 def lora_layers(model):
