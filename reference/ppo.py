@@ -38,3 +38,39 @@ def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
     returns = [[advantages[b][t] + values[b][t] if t < sum(mask[b]) else 0.0 for t in range(len(rewards[b]))]
                for b in range(len(rewards))]
     return advantages, returns
+
+
+def response_logprobs(model, sequences, prompt_length):
+    logits = model(sequences)[:, prompt_length - 1:-1]
+    return torch.log_softmax(logits, dim=-1).gather(-1, sequences[:, prompt_length:].unsqueeze(-1)).squeeze(-1)
+
+
+def ppo_update(policy, value_model, optimizer, rollouts, ppo_epochs=4, clip_range=0.2, clip_range_value=0.2,
+               vf_coef=0.1, grad_clip=1.0):
+    """PPO epochs on fixed rollouts (torch tensors), each one step over the whole batch; a
+    group of prompts of one length at a time, its loss weighted by its share of the tokens."""
+    mask = rollouts["mask"]
+    total = mask.sum().clamp(min=1)
+    params = [*policy.parameters(), *value_model.parameters()]
+    losses = []
+    for _ in range(ppo_epochs):
+        optimizer.zero_grad()
+        epoch_losses = [0.0, 0.0]
+        start = 0
+        for sequences, prompt_length in rollouts["groups"]:
+            rows = slice(start, start + len(sequences))
+            start += len(sequences)
+            share = mask[rows].sum() / total
+            logprobs = response_logprobs(policy, sequences, prompt_length)
+            values = value_model(sequences)[:, prompt_length - 1:-1, 0]
+            policy_loss = ppo_policy_loss(logprobs, rollouts["logprobs"][rows], rollouts["advantages"][rows],
+                                          mask[rows], clip_range)
+            value_loss = ppo_value_loss(values, rollouts["values"][rows], rollouts["returns"][rows], mask[rows],
+                                        clip_range_value)
+            ((policy_loss + vf_coef * value_loss) * share).backward()
+            epoch_losses[0] += policy_loss.item() * share.item()
+            epoch_losses[1] += value_loss.item() * share.item()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        losses.append(epoch_losses)
+    return losses

@@ -74,3 +74,15 @@ def custom_collate_fn(batch, pad_token_id=50256, allowed_max_length=None, mask_p
             stacked = stacked[:, :allowed_max_length]
         batch_data[key] = stacked.to(device)
     return batch_data
+
+
+def reward_scores(model, ids, mask):
+    """A scalar-head GPT's output at the last True position of each row of `mask`."""
+    positions = mask.shape[1] - 1 - torch.argmax(mask.flip(1).to(torch.int64), dim=1)
+    return model(ids)[torch.arange(len(ids)), positions, 0]
+
+
+def reward_model_loss_batch(batch, model):
+    chosen = reward_scores(model, batch["chosen"], batch["chosen_mask"])
+    rejected = reward_scores(model, batch["rejected"], batch["rejected_mask"])
+    return reward_model_loss(chosen, rejected), chosen, rejected

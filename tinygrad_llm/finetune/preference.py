@@ -11,13 +11,16 @@ The book takes the MEAN log-probability over the response tokens; the paper the 
 (`reduction="sum"`). A reward model instead scores prompt + response with one number and
 learns the Bradley-Terry preference, -log sigmoid(r_chosen - r_rejected).
 """
+import copy
 import json
 
 import numpy as np
 
 from .. import backend, datasets
 from .. import functional as F
-from ..tensor import Tensor
+from ..nn import Linear
+from ..tensor import Tensor, no_grad
+from ..train import generate_and_print_sample, train
 from .instruct import RESPONSE_HEAD, check_instruction_data, format_input
 
 PREFERENCE_KEYS = ("instruction", "chosen", "rejected")
@@ -180,3 +183,210 @@ def custom_collate_fn(batch, pad_token_id=50256, allowed_max_length=None, mask_p
         array = out[key] if allowed_max_length is None else out[key][:, :allowed_max_length]
         out[key] = backend.to_device(np.ascontiguousarray(array), device)
     return out
+
+
+# ---- DPO -------------------------------------------------------------------------------------
+
+
+def make_reference_model(policy_model):
+    """A frozen copy of the policy: same weights, eval mode, no parameter requires a gradient.
+
+    Run under no_grad (as compute_dpo_loss_batch does), it records no graph; no optimizer
+    holds its parameters, so it never changes.
+    """
+    reference_model = copy.deepcopy(policy_model)
+    for p in reference_model.parameters():
+        p.requires_grad, p.grad = False, None
+    return reference_model.eval()
+
+
+def _sequence_logprobs(model, batch, key, reduction):
+    return compute_logprobs(model(batch[key]), batch[key], batch[f"{key}_mask"], reduction)
+
+
+def compute_dpo_loss_batch(batch, policy_model, reference_model, beta, reduction="mean"):
+    """The book's DPO loss of one collated batch: (loss, chosen_rewards, rejected_rewards).
+
+    The reference model runs under no_grad: it adds no graph and gets no gradient.
+    """
+    with no_grad():
+        reference_chosen = _sequence_logprobs(reference_model, batch, "chosen", reduction)
+        reference_rejected = _sequence_logprobs(reference_model, batch, "rejected", reduction)
+    return compute_dpo_loss(_sequence_logprobs(policy_model, batch, "chosen", reduction),
+                            _sequence_logprobs(policy_model, batch, "rejected", reduction),
+                            reference_chosen, reference_rejected, beta)
+
+
+def compute_dpo_loss_loader(data_loader, policy_model, reference_model, beta, num_batches=None, reduction="mean"):
+    """The book's averages over the first `num_batches` batches (default all): (loss, chosen, rejected)
+    rewards as floats; NaN for an empty loader."""
+    if len(data_loader) == 0:
+        return float("nan"), float("nan"), float("nan")
+    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    totals = np.zeros(3)
+    with no_grad():
+        for i, batch in enumerate(data_loader):
+            if i >= num_batches:
+                break
+            totals += [value.item() for value in
+                       compute_dpo_loss_batch(batch, policy_model, reference_model, beta, reduction)]
+    loss, chosen, rejected = totals / num_batches
+    return float(loss), float(chosen), float(rejected)
+
+
+def evaluate_dpo_loss_loader(policy_model, reference_model, train_loader, val_loader, beta, eval_iter,
+                             reduction="mean"):
+    """The book's evaluation: loss and rewards over `eval_iter` batches of each loader, policy in eval mode."""
+    was_training = policy_model.training
+    policy_model.eval()
+    results = {}
+    for split, loader in (("train", train_loader), ("val", val_loader)):
+        loss, chosen, rejected = compute_dpo_loss_loader(loader, policy_model, reference_model, beta, eval_iter,
+                                                         reduction)
+        results.update({f"{split}_loss": loss, f"{split}_chosen_reward": chosen, f"{split}_rejected_reward": rejected})
+    policy_model.train(was_training)
+    return results
+
+
+def train_model_dpo_simple(policy_model, reference_model, train_loader, val_loader, optimizer, num_epochs, beta,
+                           eval_freq, eval_iter, start_context=None, tokenizer=None, reduction="mean", **options):
+    """The book's DPO training, through train.train; returns the book's tracking dict.
+
+    After step s with s % eval_freq == 0 (s from 0) the loss and rewards over `eval_iter`
+    batches of each loader are recorded and printed with the reward margins (chosen -
+    rejected); after each epoch a greedy continuation of `start_context` is printed. The
+    tracking dict holds the lists "train_losses", "train_chosen_rewards",
+    "train_rejected_rewards", the same for val, and "tokens_seen" (chosen tokens, as the
+    book counts). `options` are train's keywords (checkpoint_path, metrics_path, grad_clip, ...).
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0 (the book uses 0.1; 0.1 to 0.5 is typical), got {beta}")
+
+    def loss_fn(model, batch):
+        return compute_dpo_loss_batch(batch, model, reference_model, beta, reduction)[0]
+
+    def evaluate():
+        return evaluate_dpo_loss_loader(policy_model, reference_model, train_loader, val_loader, beta, eval_iter,
+                                        reduction)
+
+    def epoch_end(epoch):
+        if start_context is not None and tokenizer is not None:
+            generate_and_print_sample(policy_model, tokenizer, None, start_context)
+
+    def report(record):
+        if record["event"] != "eval":
+            return None
+        return (f"Ep {record['epoch']} (Step {record['step']:06d}): "
+                f"Train loss {record['train_loss']:.3f}, Val loss {record['val_loss']:.3f}, "
+                f"Train reward margins {record['train_chosen_reward'] - record['train_rejected_reward']:.3f}, "
+                f"Val reward margins {record['val_chosen_reward'] - record['val_rejected_reward']:.3f}")
+
+    history = train(policy_model, optimizer, train_loader, loss_fn, num_epochs, evaluate=evaluate,
+                    eval_freq=eval_freq, epoch_end=epoch_end, seen=lambda batch: int(np.size(batch["chosen"])),
+                    report=report, **options)
+    evals = [record for record in history if record["event"] == "eval"]
+    tracking = {}
+    for split in ("train", "val"):
+        tracking[f"{split}_losses"] = [record[f"{split}_loss"] for record in evals]
+        tracking[f"{split}_chosen_rewards"] = [record[f"{split}_chosen_reward"] for record in evals]
+        tracking[f"{split}_rejected_rewards"] = [record[f"{split}_rejected_reward"] for record in evals]
+    tracking["tokens_seen"] = [record["seen"] for record in evals]
+    return tracking
+
+
+# ---- the reward model ------------------------------------------------------------------------
+
+
+def make_reward_model(model, seed=None):
+    """A reward model from a GPT: a copy of it whose output head is one scalar, Linear(emb_dim, 1).
+
+    The head is initialised as torch's Linear (seed=None: tl.manual_seed's generator) and
+    has no bias, which would add the same number to both scores of a pair: the pairwise
+    loss cannot see it. The backbone keeps the GPT's weights. reward_scores reads the head at each sequence's last
+    real token, where the causal attention has seen all of prompt and response.
+    """
+    reward_model = copy.deepcopy(model)
+    rng = backend.generator() if seed is None else np.random.default_rng(seed)
+    reward_model.out_head = Linear(model.cfg["emb_dim"], 1, bias=False, dtype=model.dtype, rng=rng)
+    return reward_model.to(device=model.device)
+
+
+def last_token_positions(mask):
+    """The index of the last True of each row of a (B, T) mask: the last real token of the response."""
+    mask = np.asarray(backend.to_host(mask), dtype=bool)
+    empty = np.flatnonzero(~mask.any(axis=1))
+    if empty.size:
+        raise ValueError(f"row {int(empty[0])} of the batch has no response token to score (its mask is all "
+                         "False: an empty answer, or one cut off by allowed_max_length)")
+    return mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+
+
+def reward_scores(reward_model, ids, mask):
+    """The reward model's score of each sequence (B,): its scalar output at the last position the mask selects."""
+    out = reward_model(ids)  # (B, T, 1)
+    if out.shape[-1] != 1:
+        raise ValueError(f"reward_scores needs a model with a scalar head (make_reward_model), got outputs of "
+                         f"width {out.shape[-1]}")
+    positions = last_token_positions(mask)
+    rows = np.arange(len(positions))
+    return out[backend.to_device(rows, out.device), backend.to_device(positions, out.device), 0]
+
+
+def calc_reward_loss_batch(batch, reward_model):
+    """(loss, chosen scores, rejected scores) of one collated preference batch."""
+    chosen = reward_scores(reward_model, batch["chosen"], batch["chosen_mask"])
+    rejected = reward_scores(reward_model, batch["rejected"], batch["rejected_mask"])
+    return reward_model_loss(chosen, rejected), chosen, rejected
+
+
+def evaluate_reward_model(reward_model, data_loader, num_batches=None):
+    """Loss, preference accuracy (the fraction of pairs with r_chosen > r_rejected) and mean margin
+    over the first `num_batches` batches (default all), as floats; the model in eval mode."""
+    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    if num_batches == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "margin": float("nan")}
+    was_training = reward_model.training
+    reward_model.eval()
+    losses, margins = [], []
+    with no_grad():
+        for i, batch in enumerate(data_loader):
+            if i >= num_batches:
+                break
+            loss, chosen, rejected = calc_reward_loss_batch(batch, reward_model)
+            losses.append(loss.item())
+            margins.append(backend.to_host((chosen - rejected).data))
+    reward_model.train(was_training)
+    margins = np.concatenate(margins)
+    return {"loss": float(np.mean(losses)), "accuracy": float(np.mean(margins > 0)), "margin": float(margins.mean())}
+
+
+def train_reward_model(reward_model, train_loader, val_loader, optimizer, num_epochs, eval_freq, eval_iter,
+                       **options):
+    """Train a reward model on preference batches through train.train; returns its records.
+
+    Every eval_freq steps: loss, accuracy and margin over eval_iter batches of each loader
+    ("train_loss", "val_accuracy", ...); after each epoch the accuracy over the whole
+    validation loader ("val_accuracy_full"). `options` are train's keywords.
+    """
+    def loss_fn(model, batch):
+        return calc_reward_loss_batch(batch, model)[0]
+
+    def evaluate():
+        metrics = {}
+        for split, loader in (("train", train_loader), ("val", val_loader)):
+            metrics.update({f"{split}_{key}": value
+                            for key, value in evaluate_reward_model(reward_model, loader, eval_iter).items()})
+        return metrics
+
+    def epoch_end(epoch):
+        return {"val_accuracy_full": evaluate_reward_model(reward_model, val_loader)["accuracy"]}
+
+    def report(record):
+        if record["event"] == "eval":
+            return (f"Ep {record['epoch']} (Step {record['step']:06d}): Train loss {record['train_loss']:.3f}, "
+                    f"Val loss {record['val_loss']:.3f}, Train acc {record['train_accuracy'] * 100:.1f}%, "
+                    f"Val acc {record['val_accuracy'] * 100:.1f}%")
+        return f"Ep {record['epoch']}: validation accuracy {record['val_accuracy_full'] * 100:.2f}%"
+
+    return train(reward_model, optimizer, train_loader, loss_fn, num_epochs, evaluate=evaluate, eval_freq=eval_freq,
+                 epoch_end=epoch_end, seen=lambda batch: len(batch["chosen"]), report=report, **options)
