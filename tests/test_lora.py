@@ -335,3 +335,28 @@ def test_a_model_without_adapters_cannot_save_or_load_them(tmp_path):
         save_lora(tmp_path / "b.safetensors", classifier())
     with pytest.raises(ValueError, match="the model has no LoRA adapters; call replace_linear_with_lora"):
         load_lora(tmp_path / "a.safetensors", classifier())
+
+
+def test_adapters_train_merge_and_round_trip_on_each_device(device, tmp_path):
+    batch = ids()
+    reference = adapted_classifier()
+    randomize_adapters(reference)
+    expected = logits_of(reference, batch)
+    save_lora(tmp_path / "a.safetensors", reference)
+
+    model = classifier().to(device=device)
+    replace_linear_with_lora(model, rank=2, alpha=4)
+    assert model.out_head.lora.A.device == device
+    load_lora(tmp_path / "a.safetensors", model)
+    assert model.out_head.lora.B.device == device
+    np.testing.assert_allclose(logits_of(model, batch), expected, rtol=1e-12, atol=1e-12)
+    loss = F.cross_entropy(model(batch)[:, -1, :], tl.tensor(np.array([0, 1, 1]), device=device))
+    loss.backward()
+    assert model.out_head.lora.B.grad.shape == (2, 2) and model.out_head.linear.weight.grad is None
+    save_lora(tmp_path / "b.safetensors", model)
+    merge_lora(model)
+    assert model.out_head.weight.device == device
+    np.testing.assert_allclose(logits_of(model, batch), expected, rtol=1e-10, atol=1e-11)
+    again = adapted_classifier()
+    load_lora(tmp_path / "b.safetensors", again)
+    np.testing.assert_array_equal(logits_of(again, batch), expected)
