@@ -9,9 +9,10 @@ import argparse
 import sys
 
 from ..datasets import DownloadError
-from . import generate, gpt2, info, pretrain
+from . import exercises, generate, gpt2, grade, info, pretrain
 
-SUBCOMMANDS = (pretrain.add_pretrain, generate.add_generate, gpt2.add_import_gpt2, info.add_info)
+SUBCOMMANDS = (pretrain.add_pretrain, generate.add_generate, gpt2.add_import_gpt2, info.add_info,
+               grade.add_grade, exercises.add_exercises)
 
 
 def build_parser():
