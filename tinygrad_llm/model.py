@@ -6,9 +6,11 @@ strided views of the projections, never copies), from matmuls split over the cor
 (tinygrad_llm.cpu), and under `no_grad()` nothing is recorded. For generation, `KVCache`
 keeps each layer's keys and values so a new token costs one position's work.
 """
+import os
+
 import numpy as np
 
-from . import backend
+from . import backend, validation
 from . import functional as F
 from .nn import UNFILLED, GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Sequential
 from .tensor import Tensor
@@ -43,13 +45,40 @@ def gpt2_config(name, **overrides):
     return {**GPT_CONFIG_124M, **GPT2_PRESETS[name], **overrides}
 
 
-def check_config(cfg):
+def check_config(cfg, source="GPT config"):
+    """`cfg` itself once every field is of the right type and range; else one error naming the field.
+
+    `source` (a file name, say) begins the message. Keys other than the book's and the
+    optional ones below are left alone, for callers that keep their own settings beside.
+    """
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{source} must be a dict of the keys of GPT_CONFIG_124M, got {type(cfg).__name__}")
     missing = [key for key in REQUIRED_KEYS if key not in cfg]
     if missing:
-        raise ValueError(f"GPT config is missing {missing}; expected the keys of GPT_CONFIG_124M")
+        raise ValueError(f"{source} is missing {missing}; expected the keys of GPT_CONFIG_124M")
+    for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+        validation.integer(f"{source}: {key}", cfg[key], minimum=1)
+    validation.number(f"{source}: drop_rate", cfg["drop_rate"], 0.0, 1.0, below=True)
+    for key in ("qkv_bias", "tie_weights"):
+        if key in cfg:
+            validation.boolean(f"{source}: {key}", cfg[key])
+    if "layer_norm_eps" in cfg:
+        validation.number(f"{source}: layer_norm_eps", cfg["layer_norm_eps"], 0.0, above=True)
     if cfg["emb_dim"] % cfg["n_heads"]:
-        raise ValueError(f"emb_dim {cfg['emb_dim']} must be divisible by n_heads {cfg['n_heads']}")
+        raise ValueError(f"{source}: emb_dim {cfg['emb_dim']} must be divisible by n_heads {cfg['n_heads']}")
     return cfg
+
+
+def check_fits_in_memory(cfg, dtype, source="GPT config"):
+    """Refuse a config whose weights alone exceed this machine's memory, before allocating any."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: nothing to compare with
+        return
+    needed = parameter_counts(cfg, dtype)["megabytes"] * 2**20
+    if needed > memory:
+        raise ValueError(f"{source} describes a model of {needed / 2**30:,.1f} GiB of {np.dtype(dtype)} weights, "
+                         f"more than this machine's {memory / 2**30:,.1f} GiB of memory")
 
 
 def layer_norm_eps(cfg):
@@ -211,6 +240,7 @@ class GPTModel(Module):
     def __init__(self, cfg, dtype="float32", seed=None, init_weights=True):
         self.cfg = dict(check_config(cfg))
         dtype = backend.as_dtype(dtype)
+        check_fits_in_memory(self.cfg, dtype)
         # seed=None draws from tl.manual_seed's generator; a seed gives the same weights every time.
         # init_weights=False draws nothing and leaves the weights unfilled, for loading them next.
         if not init_weights:
@@ -252,6 +282,9 @@ class GPTModel(Module):
         idx = idx if backend.device_of(idx) == "cuda" else np.asarray(idx)
         if idx.ndim != 2:
             raise ValueError(f"GPTModel expects token ids of shape (batch, sequence), got shape {idx.shape}")
+        if 0 in idx.shape:
+            raise ValueError(f"GPTModel got an empty batch of token ids, shape {idx.shape}: "
+                             "it needs at least one sequence of at least one token")
         start = 0 if cache is None else cache.length
         seq_len = idx.shape[1]
         limit = self.cfg["context_length"] if cache is None else min(self.cfg["context_length"], cache.max_length)

@@ -71,6 +71,8 @@ class Module:
         values = {}
         for key, p in params.items():
             value = _host_array(state_dict[key])
+            if value.dtype.kind != "f":  # casting integers or bytes to weights would load garbage
+                raise TypeError(f"{key} has dtype {value.dtype}: weights must be float")
             if value.shape != p.shape:
                 raise ValueError(f"shape mismatch for {key}: state dict has {value.shape}, model expects {p.shape}")
             values[key] = value

@@ -76,7 +76,7 @@ from tqdm.auto import tqdm
 
 from . import backend
 from . import functional as F
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import check_train_state, load_checkpoint, read_checkpoint, save_checkpoint
 from .generate import generate, text_to_token_ids, token_ids_to_text
 from .optim import clip_grad_norm_, lr_at_step
 from .tensor import no_grad
@@ -198,6 +198,9 @@ def train(model, optimizer, train_loader, loss_fn, num_epochs, *, evaluate=None,
     if resume:
         if checkpoint_path is None:
             raise ValueError("resume=True needs the checkpoint_path to resume from")
+        # The saved position is checked against this run before any weight is loaded.
+        check_train_state(read_checkpoint(checkpoint_path)["metadata"].get("train_state"), checkpoint_path,
+                          batches_per_epoch, accumulation_steps, num_epochs)
         state = load_training_state(checkpoint_path, model, optimizer, train_loader)
     else:
         state = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "seconds": 0.0, "generators": None,

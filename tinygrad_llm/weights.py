@@ -15,12 +15,14 @@ export and the book's nested `params` all go through it.
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from . import backend, datasets
+from . import backend, datasets, validation
 from .checkpoint import atomic_write
+from .tensor_files import SafetensorsFile
 from .model import GPT2_SIZES, GPTModel, layer_norm_eps
 
 CONFIG_FILE = "config.json"
@@ -111,14 +113,17 @@ def _to_hf(arrays, transposed, packed):
     return np.ascontiguousarray(np.concatenate(parts, axis=-1) if packed else parts[0])
 
 
-def _load_tensors(model, names, get_tensor, source):
-    """Copy Hugging Face-named tensors into `model`, one at a time, checking every name and shape.
+def _load_tensors(model, names, tensors, source):
+    """Copy Hugging Face-named tensors into `model`, checking every name, shape, dtype and value first.
 
-    `get_tensor(name)` reads one tensor, so only one is in memory beside the model. Without an
-    `lm_head.weight`, an untied output head gets the token embedding (GPT-2 ties them).
+    `tensors` is a `_FileTensors` or an `_ArrayTensors`: `check(name, shape)` refuses a bad
+    tensor, `read(name, dtype)` gives it as an array. Nothing is written until every
+    tensor passed, so a bad file leaves `model` as it was; then the tensors are copied one
+    at a time (from a memory map, for safetensors), so memory stays close to the model's
+    own. Without an `lm_head.weight`, an untied output head gets the token embedding (GPT-2 ties them).
     """
     params = dict(model.named_parameters())  # a tied out_head is listed once, as tok_emb
-    assigned = set()
+    copies, assigned = [], set()
     for name in names:
         hf_name = name.removeprefix("transformer.")
         if _MASK_BUFFERS.fullmatch(hf_name):
@@ -134,31 +139,86 @@ def _load_tensors(model, names, get_tensor, source):
             raise ValueError(f"{source}: tensor {name!r} has no place in this model, which has no "
                              f"parameter {book_names[-1]!r} ({model.cfg['n_layers']} layers, "
                              f"qkv_bias={model.cfg.get('qkv_bias', False)})")
-        array = get_tensor(name)
         expected = _hf_shape(targets[0].shape, transposed, packed)
-        if array.shape != expected:
-            raise ValueError(f"{source}: tensor {name!r} has shape {array.shape}, expected {expected} "
-                             f"(for {', '.join(book_names)})")
-        for target, part in zip(targets, _to_book(array, transposed, packed)):
-            target.data[...] = backend.to_device(part.astype(target.dtype), target.device)
+        tensors.check(name, expected)
+        copies.append((name, targets, transposed, packed))
         assigned.update(book_names)
-    if "out_head.weight" in params and "out_head.weight" not in assigned and "tok_emb.weight" in assigned:
-        params["out_head.weight"].data[...] = params["tok_emb.weight"].data
-        assigned.add("out_head.weight")
-    missing = [name for name in params if name not in assigned]
+    tie_head = "out_head.weight" in params and "out_head.weight" not in assigned and "tok_emb.weight" in assigned
+    missing = [name for name in params if name not in assigned and not (tie_head and name == "out_head.weight")]
     if missing:
         raise ValueError(f"{source}: no tensor for parameter(s) {', '.join(missing[:5])}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    for name, targets, transposed, packed in copies:
+        for target, part in zip(targets, _to_book(tensors.read(name, model.dtype), transposed, packed)):
+            _copy(part, target)
+    if tie_head:
+        params["out_head.weight"].data[...] = params["tok_emb.weight"].data
     return model
+
+
+def _copy(array, param):
+    if param.device == "cpu":
+        np.copyto(param.data, array, casting="same_kind")  # straight from the file's memory map
+    else:
+        param.data[...] = backend.to_device(np.ascontiguousarray(array, dtype=param.dtype), param.device)
+
+
+class _FileTensors:
+    """The tensors of a safetensors file, memory-mapped (float16/bfloat16 converted on reading)."""
+
+    def __init__(self, path):
+        self.file = SafetensorsFile(path, "weights file")
+
+    def names(self):
+        return self.file.names()
+
+    def check(self, name, shape):
+        self.file.check_weight(name, repr(name), shape)
+
+    def read(self, name, dtype):
+        return self.file.array(name, dtype)
+
+
+class _ArrayTensors:
+    """Tensors already in memory (a torch file's state dict, the book's params), as NumPy arrays."""
+
+    def __init__(self, arrays, source):
+        self.arrays, self.source = arrays, source
+
+    def names(self):
+        return list(self.arrays)
+
+    def check(self, name, shape):
+        _check_weight_array(self.arrays[name], repr(name), self.source, shape)
+
+    def read(self, name, dtype):
+        return self.arrays[name]
+
+
+def _check_weight_array(array, label, source, shape=None):
+    """The in-memory twin of SafetensorsFile.check_weight: float, the expected shape, finite."""
+    if array.dtype.kind != "f":
+        raise ValueError(f"{source}: tensor {label} has dtype {array.dtype}; weights must be float")
+    if shape is not None and array.shape != tuple(shape):
+        raise ValueError(f"{source}: tensor {label} has shape {array.shape}, expected {tuple(shape)}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{source}: tensor {label} holds NaN or infinite values: a model with such weights "
+                         "computes nothing meaningful, so it is refused")
 
 
 # ---------------------------------------------------------------------------- Hugging Face files
 
 def _read_config(path):
+    """config.json as a dict; a missing file, or one that is not a JSON object, is named."""
     try:
-        return json.loads(Path(path).read_text())
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: a Hugging Face GPT-2 folder needs its {CONFIG_FILE}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a JSON config ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a GPT-2 config: it holds a JSON {type(config).__name__}, not an object")
+    return config
 
 
 def book_config(hf_config, source=CONFIG_FILE):
@@ -170,6 +230,8 @@ def book_config(hf_config, source=CONFIG_FILE):
     missing = [key for key in ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer") if key not in hf_config]
     if missing:
         raise ValueError(f"{source} lacks {missing}: is it a GPT-2 config?")
+    for key in ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer"):
+        validation.integer(f"{source}: {key}", hf_config[key], minimum=1)
     supported = {
         "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # both GPT-2's tanh approximation
         "n_inner": (None, 4 * hf_config["n_embd"]),  # the book's feed-forward width
@@ -212,8 +274,27 @@ def _import_torch(path):
 
 
 def _torch_load(path):
-    # weights_only=True refuses anything but tensors and plain containers: no code runs.
-    return _import_torch(path).load(path, map_location="cpu", weights_only=True)
+    """A torch file's contents through torch.load(weights_only=True), which refuses code: no pickle runs.
+
+    Anything it refuses (a pickle of objects, a damaged or truncated file) is one ValueError naming the file.
+    """
+    torch = _import_torch(path)
+    try:
+        with warnings.catch_warnings():  # its notes on pickle protocols would only precede the refusal
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError ... for a bad file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a plain torch weights file, so it was not loaded "
+                         f"(torch.load(weights_only=True) refused it: {reason})") from None
+
+
+def _torch_arrays(state, path):
+    """{name: np.ndarray} of a torch state dict; bfloat16 tensors become float32 (NumPy has no bfloat16)."""
+    torch = _import_torch(path)
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"{path} does not hold a state dict (a dict of tensor names to tensors)")
+    return {name: (value.float() if value.dtype == torch.bfloat16 else value).numpy() for name, value in state.items()}
 
 
 def load_hf_gpt2(path_or_dir, dtype="float32"):
@@ -221,19 +302,18 @@ def load_hf_gpt2(path_or_dir, dtype="float32"):
 
     `path_or_dir` is a save_pretrained folder (config.json + model.safetensors, or
     pytorch_model.bin, which needs torch) or such a weights file beside its config.json.
-    Safetensors are read one tensor at a time, so memory stays close to the model's own.
+    Safetensors are memory-mapped and read one tensor at a time, so memory stays close to
+    the model's own. float16 and bfloat16 weights are converted to `dtype`; any other
+    non-float tensor, and NaN or infinite values, are refused naming the tensor.
     """
     config_path, weights_path = _weights_file(path_or_dir)
     hf_config = _read_config(config_path)
     model = GPTModel(book_config(hf_config, config_path), dtype=dtype, init_weights=False)  # loaded next
     if weights_path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(weights_path, framework="np") as weights:
-            _load_tensors(model, list(weights.keys()), weights.get_tensor, weights_path)
+        tensors = _FileTensors(weights_path)
     else:
-        state = _torch_load(weights_path)
-        _load_tensors(model, list(state), lambda name: state[name].numpy(), weights_path)
+        tensors = _ArrayTensors(_torch_arrays(_torch_load(weights_path), weights_path), weights_path)
+    _load_tensors(model, tensors.names(), tensors, weights_path)
     return model.eval()
 
 
@@ -295,8 +375,12 @@ def load_book_state_dict(model_or_cfg, path, dtype="float32"):
     state = _torch_load(path)
     if isinstance(state, dict) and "model_state_dict" in state:
         state = state["model_state_dict"]
+    arrays = _torch_arrays(state, path)
+    for name, array in arrays.items():
+        if not name.endswith(".att.mask"):  # the book's causal-mask buffers, which the model skips
+            _check_weight_array(array, repr(name), path)
     model = model_or_cfg if isinstance(model_or_cfg, GPTModel) else GPTModel(model_or_cfg, dtype=dtype, init_weights=False)
-    return model.load_state_dict(state).eval()
+    return model.load_state_dict(arrays).eval()
 
 
 # The book's nested `params` (section 5.5, read from OpenAI's TensorFlow checkpoint) name a
@@ -327,8 +411,8 @@ def load_weights_into_gpt(gpt, params):
     `params` as `download_and_load_gpt2` returns it. An untied output head gets the token
     embedding, as in the book.
     """
-    flat = _flatten_book_params(params)
-    return _load_tensors(gpt, list(flat), lambda name: np.asarray(flat[name]), "params")
+    flat = {name: np.asarray(value) for name, value in _flatten_book_params(params).items()}
+    return _load_tensors(gpt, list(flat), _ArrayTensors(flat, "params"), "params")
 
 
 def download_and_load_gpt2(model_size, models_dir=None, base_url=None):
@@ -338,26 +422,32 @@ def download_and_load_gpt2(model_size, models_dir=None, base_url=None):
     them in the book's format: settings as OpenAI's hparams.json, params as nested dicts.
     Everything is in memory at once, as in the book; `load_hf_gpt2` reads one tensor at a time.
     """
-    from safetensors import safe_open
-
     directory = download_gpt2(model_size, models_dir, base_url=base_url)
     hf_config = _read_config(directory / CONFIG_FILE)
     settings = {"n_vocab": hf_config["vocab_size"], "n_ctx": hf_config["n_positions"],
                 "n_embd": hf_config["n_embd"], "n_head": hf_config["n_head"], "n_layer": hf_config["n_layer"]}
     params = {"blocks": [{} for _ in range(hf_config["n_layer"])]}
     top_level = {hf_name: key for key, hf_name in _BOOK_TOP_LEVEL.items()}
-    with safe_open(directory / SAFETENSORS_FILE, framework="np") as weights:
-        for name in weights.keys():
-            hf_name = name.removeprefix("transformer.")
-            if hf_name in top_level:
-                params[top_level[hf_name]] = weights.get_tensor(name)
-            elif _BLOCK_TENSOR.fullmatch(hf_name) and not _MASK_BUFFERS.fullmatch(hf_name):
-                _, layer, *path, kind = hf_name.split(".")  # h.3.attn.c_attn.weight
-                node = params["blocks"][int(layer)]
-                for key in path:
-                    node = node.setdefault(key, {})
-                leaf = "b" if kind == "bias" else "g" if path[0].startswith("ln_") else "w"
-                node[leaf] = weights.get_tensor(name)
+    weights = SafetensorsFile(directory / SAFETENSORS_FILE, "weights file")
+
+    def read(name):  # a float array in memory, as the book's TensorFlow loader returns
+        weights.check_weight(name)
+        return np.array(weights.array(name, np.float64 if weights.dtype_name(name) == "float64" else np.float32))
+
+    for name in weights.names():
+        hf_name = name.removeprefix("transformer.")
+        if hf_name in top_level:
+            params[top_level[hf_name]] = read(name)
+        elif _BLOCK_TENSOR.fullmatch(hf_name) and not _MASK_BUFFERS.fullmatch(hf_name):
+            _, layer, *path, kind = hf_name.split(".")  # h.3.attn.c_attn.weight
+            if int(layer) >= len(params["blocks"]):
+                raise ValueError(f"{weights.path}: tensor {name!r} is in block {layer}, but {CONFIG_FILE} "
+                                 f"says n_layer={len(params['blocks'])}")
+            node = params["blocks"][int(layer)]
+            for key in path:
+                node = node.setdefault(key, {})
+            leaf = "b" if kind == "bias" else "g" if path[0].startswith("ln_") else "w"
+            node[leaf] = read(name)
     return settings, params
 
 
