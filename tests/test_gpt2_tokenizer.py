@@ -1,4 +1,8 @@
-"""The from-scratch GPT-2 tokenizer gives exactly tiktoken's ids, on files and generated text."""
+"""The from-scratch GPT-2 tokenizer gives exactly tiktoken's ids, on files and generated text,
+and has tiktoken's Encoding API."""
+import random
+import string
+
 import pytest
 import regex
 from hypothesis import given
@@ -6,6 +10,8 @@ from hypothesis import strategies as st
 
 from tinygrad_llm import datasets
 from tinygrad_llm.tokenizers import GPT2_SPLIT_PATTERN, get_gpt2_tokenizer
+from tinygrad_llm.tokenizers import byte_pair
+from tinygrad_llm.tokenizers.byte_pair import SHORT_PIECE, merge_by_rank_buckets, merge_lowest_first
 from tinygrad_llm.tokenizers.gpt2 import TIKTOKEN_GPT2_PATTERN, GPT2Tokenizer, tiktoken_gpt2
 
 tiktoken = pytest.importorskip("tiktoken")
@@ -142,3 +148,142 @@ def test_unknown_backend():
 def test_allowed_special_given_as_one_string_is_an_error():
     with pytest.raises(ValueError, match="allowed_special must be 'all' or a set of strings"):
         OURS.encode("<|endoftext|>", allowed_special="<|endoftext|>")
+
+
+# Long pieces: one regex piece of thousands of bytes takes the rank-bucket merge loop.
+@pytest.mark.parametrize("character", ["a", " ", "\n", "0", "!", "é", "😀", "漢"])
+@pytest.mark.parametrize("length", [SHORT_PIECE, SHORT_PIECE + 1, 1000, 10_001])
+def test_long_runs_of_one_character_give_tiktokens_ids(character, length):
+    text = character * length
+    assert OURS.encode(text) == TIKTOKEN.encode(text)
+
+
+def test_a_hundred_thousand_repeated_letters_give_tiktokens_ids():
+    # The case that took 77 s with the plain merge loop (about 0.1 s now).
+    assert OURS.encode("a" * 100_000) == TIKTOKEN.encode("a" * 100_000)
+
+
+def test_a_hundred_kilobytes_of_random_letters_give_tiktokens_ids():
+    text = "".join(random.Random(0).choices(string.ascii_letters, k=100_000))  # one piece
+    assert OURS.encode(text) == TIKTOKEN.encode(text)
+
+
+NO_SPACE_TEXT = st.text(st.characters(exclude_categories=("Cs", "Cn", "Zs", "Zl", "Zp", "Cc")),
+                        min_size=SHORT_PIECE, max_size=3000)
+FEW_LETTERS = st.text(st.sampled_from("aabe'é0"), min_size=SHORT_PIECE, max_size=3000)
+
+
+@given(NO_SPACE_TEXT | FEW_LETTERS)
+def test_long_text_without_spaces_gives_tiktokens_ids(text):
+    OURS.clear_cache()
+    assert OURS.encode_ordinary(text) == TIKTOKEN.encode_ordinary(text)
+
+
+@given(st.text(st.sampled_from("aab é"), max_size=300) | TEXT)
+def test_both_merge_loops_give_the_same_ids_at_any_length(text):
+    ids = list(text.encode("utf-8").translate(OURS._byte_to_id))
+    assert merge_by_rank_buckets(list(ids), OURS.merges) == merge_lowest_first(list(ids), OURS.merges)
+
+
+def test_long_pieces_take_the_rank_buckets(monkeypatch):
+    def plain_loop_for_short_pieces_only(ids, merges):
+        assert len(ids) <= SHORT_PIECE, "a long piece went to the O(n**2) loop"
+        return merge_lowest_first(ids, merges)
+
+    monkeypatch.setattr(byte_pair, "merge_lowest_first", plain_loop_for_short_pieces_only)
+    for length in [1, SHORT_PIECE, SHORT_PIECE + 1, 5000]:
+        assert byte_pair.apply_merges([OURS.encode_single_token("a")] * length, OURS.merges) == \
+            TIKTOKEN.encode("a" * length)
+
+
+# tiktoken's Encoding API beyond encode/decode.
+def test_vocabulary_sizes_and_end_of_text_as_tiktoken():
+    assert (OURS.n_vocab, OURS.max_token_value, OURS.eot_token) == \
+        (TIKTOKEN.n_vocab, TIKTOKEN.max_token_value, TIKTOKEN.eot_token) == (50257, 50256, 50256)
+    assert OURS.special_tokens_set == TIKTOKEN.special_tokens_set == {"<|endoftext|>"}
+
+
+@given(TEXT)
+def test_encode_ordinary_reads_special_tokens_as_text_as_tiktoken(text):
+    text += "<|endoftext|>"
+    assert OURS.encode_ordinary(text) == TIKTOKEN.encode_ordinary(text)
+
+
+@given(st.lists(TEXT, max_size=4))
+def test_batches_as_tiktoken(texts):
+    assert OURS.encode_ordinary_batch(texts) == TIKTOKEN.encode_ordinary_batch(texts)
+    texts = [text + "<|endoftext|>" for text in texts]
+    for kwargs in [{"allowed_special": "all"}, {"disallowed_special": ()}, {"num_threads": 2, "allowed_special": "all"}]:
+        ids = OURS.encode_batch(texts, **kwargs)
+        assert ids == TIKTOKEN.encode_batch(texts, **kwargs)
+        assert OURS.decode_batch(ids) == TIKTOKEN.decode_batch(ids)
+    if texts:
+        for tokenizer in (OURS, TIKTOKEN):
+            with pytest.raises(ValueError, match="<|endoftext|>"):
+                tokenizer.encode_batch(texts)
+
+
+def test_a_batch_given_as_one_string_is_an_error():
+    # tiktoken would encode each character as a text of its own.
+    with pytest.raises(TypeError, match="a batch is a list of strings"):
+        OURS.encode_batch("Hello world")
+
+
+def test_single_tokens_both_ways_as_tiktoken():
+    for token_id in range(TIKTOKEN.n_vocab):
+        token = TIKTOKEN.decode_single_token_bytes(token_id)
+        assert OURS.decode_single_token_bytes(token_id) == token
+        assert OURS.encode_single_token(token) == TIKTOKEN.encode_single_token(token) == token_id
+    assert OURS.encode_single_token("hello") == TIKTOKEN.encode_single_token("hello") == 31373
+    assert OURS.encode_single_token("<|endoftext|>") == TIKTOKEN.encode_single_token("<|endoftext|>") == 50256
+    assert OURS.decode_tokens_bytes(BOOK_IDS) == TIKTOKEN.decode_tokens_bytes(BOOK_IDS)
+
+
+@pytest.mark.parametrize("not_a_token", ["hello world", b"\xff\xfe", ""])
+def test_encode_single_token_of_no_single_token_raises_key_error_as_tiktoken(not_a_token):
+    for tokenizer in (OURS, TIKTOKEN):
+        with pytest.raises(KeyError):
+            tokenizer.encode_single_token(not_a_token)
+
+
+def test_decode_single_token_bytes_of_an_unknown_id_raises_key_error_as_tiktoken():
+    for tokenizer in (OURS, TIKTOKEN):
+        with pytest.raises(KeyError):
+            tokenizer.decode_single_token_bytes(50257)
+    with pytest.raises(KeyError, match="token id 50257 is not in the vocabulary"):
+        OURS.decode_single_token_bytes(50257)
+
+
+@given(TEXT)
+def test_decode_with_offsets_as_tiktoken(text):
+    ids = OURS.encode(text, allowed_special="all")
+    assert OURS.decode_with_offsets(ids) == TIKTOKEN.decode_with_offsets(ids)
+
+
+@given(st.lists(st.integers(0, 50256), max_size=10))
+def test_decode_with_offsets_inside_characters_as_tiktoken(ids):
+    try:
+        expected = TIKTOKEN.decode_with_offsets(ids)
+    except UnicodeDecodeError:
+        expected = UnicodeDecodeError
+    try:
+        assert OURS.decode_with_offsets(ids) == expected
+    except UnicodeDecodeError:
+        assert expected is UnicodeDecodeError
+
+
+def test_a_token_starting_inside_a_character_has_that_characters_offset():
+    ids = OURS.encode("a😀b")
+    assert OURS.decode_tokens_bytes(ids) == [b"a", b"\xf0\x9f\x98", b"\x80", b"b"]  # 😀 in two tokens
+    assert OURS.decode_with_offsets(ids) == ("a😀b", [0, 1, 1, 2])
+
+
+@given(st.lists(st.integers(0, 50256), max_size=10))
+def test_strict_decoding_as_tiktoken(ids):
+    outcomes = []
+    for tokenizer in (OURS, TIKTOKEN):
+        try:
+            outcomes.append(tokenizer.decode(ids, errors="strict"))
+        except UnicodeDecodeError:
+            outcomes.append(UnicodeDecodeError)
+    assert outcomes[0] == outcomes[1]

@@ -8,9 +8,8 @@ import functools
 import json
 
 from .. import datasets
-from .byte_pair import GPT2_SPLIT_PATTERN, BytePairTokenizer, apply_merges
+from .byte_pair import END_OF_TEXT, GPT2_SPLIT_PATTERN, BytePairTokenizer, apply_merges
 
-END_OF_TEXT = "<|endoftext|>"
 END_OF_TEXT_ID = 50256
 # The pattern tiktoken 0.14 uses for GPT-2 (r50k_base); it matches what GPT2_SPLIT_PATTERN matches.
 TIKTOKEN_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -32,8 +31,6 @@ def bytes_to_unicode():
 
 class GPT2Tokenizer(BytePairTokenizer):
     """GPT-2's byte-level BPE (50,257 tokens, <|endoftext|> = 50256), with tiktoken's interface."""
-
-    eot_token = END_OF_TEXT_ID
 
     @classmethod
     def from_encoder_files(cls, encoder_json, vocab_bpe):
