@@ -178,3 +178,14 @@ def test_reward_scores_read_the_last_response_token():
     np.testing.assert_array_equal(scores, [full[0, 2], full[1, 4]])
     with pytest.raises(ValueError, match="row 1 of the batch has no response token"):
         preference.reward_scores(reward_model, ids, np.array([[True] * 5, [False] * 5]))
+
+
+def test_a_reward_model_checkpoint_round_trips(tmp_path):
+    reward_model = preference.make_reward_model(tl.GPTModel(CFG, seed=7), seed=1)
+    preference.save_reward_model(tmp_path / "reward.safetensors", reward_model)
+    loaded = preference.load_reward_model(tmp_path / "reward.safetensors")
+    ids = np.array([[1, 2, 3, 4]])
+    np.testing.assert_array_equal(loaded(ids).numpy(), reward_model(ids).numpy())
+    tl.save_checkpoint(tmp_path / "gpt.safetensors", tl.GPTModel(CFG, seed=7))
+    with pytest.raises(ValueError, match="not a reward-model checkpoint"):
+        preference.load_reward_model(tmp_path / "gpt.safetensors")

@@ -18,6 +18,8 @@ import numpy as np
 
 from .. import backend, datasets
 from .. import functional as F
+from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from ..model import GPTModel
 from ..nn import Linear
 from ..tensor import Tensor, no_grad
 from ..train import generate_and_print_sample, train
@@ -390,3 +392,20 @@ def train_reward_model(reward_model, train_loader, val_loader, optimizer, num_ep
 
     return train(reward_model, optimizer, train_loader, loss_fn, num_epochs, evaluate=evaluate, eval_freq=eval_freq,
                  epoch_end=epoch_end, seen=lambda batch: len(batch["chosen"]), report=report, **options)
+
+
+def save_reward_model(path, reward_model, **metadata):
+    """A checkpoint of a reward model (load_reward_model reads it back)."""
+    save_checkpoint(path, reward_model, reward_model=True, **metadata)
+
+
+def load_reward_model(path):
+    """The reward model saved at `path` by save_reward_model: a GPT with its scalar head."""
+    info = read_checkpoint(path)
+    if not info["metadata"].get("reward_model"):
+        raise ValueError(f"{path} is not a reward-model checkpoint (written by save_reward_model or "
+                         "`tinygrad-llm finetune reward`)")
+    dtype = info["tensors"]["model.tok_emb.weight"][1]
+    reward_model = make_reward_model(GPTModel(info["config"], dtype=dtype, init_weights=False), seed=0)
+    load_checkpoint(path, reward_model)
+    return reward_model
