@@ -12,9 +12,22 @@ import math
 
 import numpy as np
 
-from . import backend, cpu
+from . import backend, cpu, cuda
 from .backend import xp_of
 from .tensor import Tensor, fused
+
+
+class _KernelCache:
+    """The cache of an op that ran cuda.py's fused kernel, with the kernel's own backward:
+    the op's backward hands both on, whatever TINYGRAD_LLM_CUDA_KERNELS says by then."""
+
+    def __init__(self, backward, cache):
+        self.backward, self.cache = backward, cache
+
+
+def _with_kernel(kernel_forward, kernel_backward, *inputs, **options):
+    out, cache = kernel_forward(*inputs, **options)
+    return out, _KernelCache(kernel_backward, cache)
 
 
 def check_float(x, op):
@@ -167,7 +180,9 @@ def embedding_backward(dout, cache):
 def layer_norm_forward(x, scale, shift, eps=1e-5):
     check_float(x, "layer_norm")
     # x: (N..., C)  scale, shift: (C,)  ->  (N..., C); biased variance, as torch and the book.
-    # Rows are independent: blocks of rows go to the cores.
+    # Rows are independent: blocks of rows go to the cores (on a GPU: a warp per row, cuda.py).
+    if cuda.kernels_on(backend.device_of(x)):
+        return _with_kernel(cuda.layer_norm_forward, cuda.layer_norm_backward, x, scale, shift, eps)
     xp = xp_of(x)
     x2 = x.reshape(-1, x.shape[-1])
     xhat, out = xp.empty_like(x2), xp.empty_like(x2)
@@ -215,6 +230,8 @@ def layer_norm_backward(dout, cache, needs_grad=(True, True, True)):
     # (the two means are how each x moves the row's mean and variance);
     #   dscale = sum over rows of dout * xhat,  dshift = sum over rows of dout.
     # needs_grad (x, scale, shift): the first LayerNorm after a frozen part needs no dx.
+    if isinstance(cache, _KernelCache):
+        return cache.backward(dout, cache.cache, needs_grad)
     xhat, scale, rstd = cache
     xp = xp_of(xhat)
     d2 = dout.reshape(xhat.shape)
@@ -255,6 +272,8 @@ _GELU_A = 0.044715
 
 def gelu_forward(x):
     check_float(x, "gelu")
+    if cuda.kernels_on(backend.device_of(x)):
+        return _with_kernel(cuda.gelu_forward, cuda.gelu_backward, x)
     # The tanh approximation GPT-2 uses: 0.5 x (1 + tanh(c (x + a x^3))), c = sqrt(2/pi),
     # over cache-sized blocks on every core.
     xp = xp_of(x)
@@ -279,6 +298,8 @@ def _gelu_forward_block(x, t, out):
 
 
 def gelu_backward(dout, cache):
+    if isinstance(cache, _KernelCache):
+        return cache.backward(dout, cache.cache)
     x, t = cache
     xp = xp_of(x)
     flat, dx = x.reshape(-1), xp.empty(x.size, x.dtype)
@@ -452,6 +473,8 @@ def cross_entropy_forward(logits, targets, ignore_index=-100):
     t = targets.reshape(-1)
     check_token_ids(xp_of(t).where(t != ignore_index, t, 0), vocab, what="target")
     t = backend.to_device(t, backend.device_of(logits))
+    if cuda.kernels_on(backend.device_of(logits)):  # the loss in one pass over the logits, a block per row
+        return _with_kernel(cuda.cross_entropy_forward, cuda.cross_entropy_backward, logits, t, ignore_index)
     kept = t != ignore_index
     safe_t = xp.where(kept, t, 0)
     # -log softmax(z)[t] = logsumexp(z) - z[t]. The logits are the largest array of a
@@ -469,6 +492,8 @@ def cross_entropy_forward(logits, targets, ignore_index=-100):
 def cross_entropy_backward(dout, cache):
     # loss = mean over kept rows of -log softmax(z)[t]  =>  dz = (softmax(z) - onehot(t)) / n_kept
     # on kept rows, 0 on ignored ones; the softmax is recomputed from the logits and lse.
+    if isinstance(cache, _KernelCache):
+        return cache.backward(dout, cache.cache)
     logits, lse, targets, kept, count = cache
     xp = xp_of(logits)
     z = logits.reshape(-1, logits.shape[-1])
@@ -567,6 +592,8 @@ def dropout_mask(shape, p, device):
         bits = backend.generator().bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
         return (bits >= threshold).reshape(shape)
     key = np.uint32(backend.generator().integers(2**32, dtype=np.uint64))
+    if cuda.kernels_on(device):
+        return cuda.dropout_keep_mask(shape, key, threshold)
     return counter_hash_bits(shape, key, backend.module_for(device)) >= threshold
 
 
@@ -583,7 +610,7 @@ def _mix32(x, xp):
 
 def counter_hash_bits(shape, key, xp=np):
     """32 pseudo-random bits per element, mix(mix(i) + key) for the flat index i: a
-    counter-based generator, the same on NumPy and CuPy.
+    counter-based generator, the same on NumPy and CuPy (and in cuda.py's kernel).
 
     The inner mix spreads neighbouring indices apart before the key is added, so masks with
     different keys are not shifted copies of one another.
@@ -612,6 +639,9 @@ def scaled_dot_product_attention_forward(q, k, v, causal=True, dropout_p=0.0, ma
         masked = causal_mask(T, S, xp) | mask if causal else mask
         bias, allowed = xp.where(masked, q.dtype.type(-np.inf), q.dtype.type(0)), (~masked).astype(q.dtype)
     keep = dropout_mask((B, H, T, S), dropout_p, backend.device_of(q)) if dropout_p > 0.0 else None
+    if mask is None and cuda.kernels_on(backend.device_of(q)):  # the causal mask by index, in the softmax kernel
+        return _with_kernel(cuda.scaled_dot_product_attention_forward, cuda.scaled_dot_product_attention_backward,
+                            q, k, v, causal, dropout_p, keep)
     att, out = xp.empty((B, H, T, S), q.dtype), xp.empty_like(q)
     cpu.parallel_map(_attention_forward_heads,
                      [(q[:, h], k[:, h], v[:, h], bias, allowed, None if keep is None else keep[:, h], dropout_p,
@@ -642,6 +672,8 @@ def _attention_forward_heads(q, k, v, bias, allowed, keep, dropout_p, att, out):
 
 
 def scaled_dot_product_attention_backward(dout, cache):
+    if isinstance(cache, _KernelCache):
+        return cache.backward(dout, cache.cache)
     q, k, v, att, out, keep, dropout_p = cache
     xp = xp_of(q)
     dq, dk, dv = xp.empty_like(q), xp.empty(k.shape, q.dtype), xp.empty(v.shape, q.dtype)

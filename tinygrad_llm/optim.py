@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from . import backend, cpu
+from . import backend, cpu, cuda
 from .backend import xp_of
 
 # Elements per chunk: an update's five chunks (512 KB each in float32) stay in the cache
@@ -127,9 +127,10 @@ class AdamW(Optimizer):
                 tasks += [(*(a[lo:lo + step] for a in arrays), *constants) for lo in range(0, p.size, step)]
         if tasks and xp_of(tasks[0][0]) is np:
             cpu.parallel_map(_adamw_update, tasks)
-        else:
+        else:  # a GPU: one fused kernel per parameter, or the array ops
+            update = cuda.adamw_update if tasks and cuda.kernels_on("cuda") else _adamw_update
             for task in tasks:
-                _adamw_update(*task)
+                update(*task)
 
 
 def _adamw_update(param, grad, exp_avg, exp_avg_sq, decay, beta1, beta2, eps, step_size, bias_correction2_sqrt):
