@@ -9,10 +9,10 @@ import argparse
 import sys
 
 from ..datasets import DownloadError
-from . import exercises, generate, gpt2, grade, info, pretrain
+from . import exercises, generate, gpt2, grade, info, prepare, pretrain
 
 SUBCOMMANDS = (pretrain.add_pretrain, generate.add_generate, gpt2.add_import_gpt2, info.add_info,
-               grade.add_grade, exercises.add_exercises)
+               grade.add_grade, exercises.add_exercises, prepare.add_prepare)
 
 
 def build_parser():

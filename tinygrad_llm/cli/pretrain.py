@@ -28,7 +28,8 @@ def add_pretrain(subparsers):
                     "epoch, every --save-every steps and on Ctrl-C or SIGTERM; --resume continues it bit for bit.")
     d = PRETRAIN_DEFAULTS
     # Defaults are applied later, so --resume can tell a flag given on the command line from a default.
-    p.add_argument("--data", help=f"a registered data set or a text file (default {d['data']})")
+    p.add_argument("--data", help=f"a registered data set, a text file or a folder of token shards from "
+                                  f"tinygrad-llm prepare (default {d['data']})")
     p.add_argument("--config", help="tiny, gpt2-small, gpt2-medium, gpt2-large, gpt2-xl, 124M, ... or FILE.json "
                                     f"(default {d['config']})")
     p.add_argument("--epochs", type=int, help=f"default {d['epochs']}")
@@ -82,21 +83,36 @@ def pretrain_settings(args, checkpoint):
     return settings
 
 
-def run_pretrain(args):
-    from ..data import create_dataloader_v1
+def pretrain_loaders(s):
+    """(train, val) loaders. A shard folder (tinygrad-llm prepare) is split by tokens and read
+    memory-mapped, its batches drawn from a generator seeded with --seed; a text is split by
+    characters and tokenized, as the book does."""
+    from ..data import DataLoader, create_dataloader_v1
+    from ..shards import ShardDataset, is_shard_folder, read_index
 
+    if is_shard_folder(s["data"]):
+        split = int(s["train_ratio"] * read_index(s["data"])["tokens"])
+        windows = dict(max_length=s["context_length"], stride=s["context_length"], verify=False)  # checked above
+        return (DataLoader(ShardDataset(s["data"], stop=split, **windows), s["batch_size"], shuffle=True,
+                           drop_last=True, seed=s["seed"]),
+                DataLoader(ShardDataset(s["data"], start=split, **windows), s["batch_size"], shuffle=False,
+                           drop_last=False))
+    text = read_text(s["data"])
+    split = int(s["train_ratio"] * len(text))
+    loader = dict(batch_size=s["batch_size"], max_length=s["context_length"], stride=s["context_length"])
+    return (create_dataloader_v1(text[:split], shuffle=True, drop_last=True, **loader),
+            create_dataloader_v1(text[split:], shuffle=False, drop_last=False, **loader))
+
+
+def run_pretrain(args):
     checkpoint = os.path.join(args.out, CHECKPOINT_NAME)
     if args.save_every is not None and args.save_every < 1:
         raise SystemExit(f"--save-every must be a number of steps >= 1, got {args.save_every}")
     s = pretrain_settings(args, checkpoint)
-    text = read_text(s["data"])
-    split = int(s["train_ratio"] * len(text))
+    train_loader, val_loader = pretrain_loaders(s)
     backend.manual_seed(s["seed"])
     model = GPTModel(s["config"]).to(device=args.device)
     tokenizer = get_tokenizer()
-    loader = dict(batch_size=s["batch_size"], max_length=s["context_length"], stride=s["context_length"])
-    train_loader = create_dataloader_v1(text[:split], shuffle=True, drop_last=True, **loader)
-    val_loader = create_dataloader_v1(text[split:], shuffle=False, drop_last=False, **loader)
     optimizer = AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
     counts = parameter_counts(s["config"])
     print(f"{'Resuming' if args.resume else 'Training'} a {counts['total']:,}-parameter GPT on {s['data']} "
