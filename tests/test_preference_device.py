@@ -1,6 +1,5 @@
 """Chapter 8 on each device: DPO's loss and gradients, reward scores and a PPO step give the CPU's numbers."""
 import numpy as np
-import pytest
 
 import tinygrad_llm as tl
 from tinygrad_llm import backend

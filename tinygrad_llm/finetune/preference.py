@@ -409,3 +409,28 @@ def load_reward_model(path):
     reward_model = make_reward_model(GPTModel(info["config"], dtype=dtype, init_weights=False), seed=0)
     load_checkpoint(path, reward_model)
     return reward_model
+
+
+def plot_panels(path, x_label, panels):
+    """A PNG of line plots side by side: panels is [(title, {label: (xs, ys)}), ...]; returns the path.
+
+    For the DPO losses and reward margins, the reward model's loss and accuracy, PPO's reward and KL.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise RuntimeError("the plots need matplotlib: pip install 'tinygrad_llm[plot]'") from error
+    # A bare Figure draws without pyplot: no GUI backend is touched and nothing global changes.
+    fig = Figure(figsize=(5 * len(panels), 3.2))
+    FigureCanvasAgg(fig)
+    for i, (title, series) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, label=label)
+        ax.set_xlabel(x_label)
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
