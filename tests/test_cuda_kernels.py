@@ -120,6 +120,19 @@ def test_attention_kernels_equal_the_array_code(kernels, dtype, causal, t_query,
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_embedding_gradient_kernel_sums_repeats_the_same_way_every_run(dtype):
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 50, (8, 300))  # every id many times over
+    dout = rng.standard_normal((8, 300, 24)).astype(dtype)
+    on_gpu = [backend.to_host(cuda.embedding_backward(backend.to_device(dout, "cuda"), backend.to_device(ids, "cuda"),
+                                                      (60, 24), dtype)) for _ in range(2)]
+    np.testing.assert_array_equal(on_gpu[0], on_gpu[1])  # no atomics: the same bits
+    _, expected = F.embedding_backward(dout, (ids, (60, 24), dtype))
+    np.testing.assert_allclose(on_gpu[0], expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+@gpu
 def test_dropout_mask_kernel_computes_the_counter_hash():
     keep = backend.to_host(cuda.dropout_keep_mask((3, 1000), 12345, 2**31))
     np.testing.assert_array_equal(keep, F.counter_hash_bits((3, 1000), 12345) >= 2**31)
@@ -154,6 +167,14 @@ def test_tf32_matmul_is_close_to_fp32_within_its_own_tolerance(monkeypatch):
     assert np.abs(strict - exact).max() < 1e-5 * scale
     assert np.abs(tf32 - exact).max() < 5e-3 * scale
     assert not np.array_equal(tf32, strict)  # TF32 did round the inputs
+
+
+def test_only_backend_and_cuda_import_cupy():
+    package = os.path.dirname(tl.__file__)
+    importing = sorted(os.path.relpath(os.path.join(folder, name), package)
+                       for folder, _, names in os.walk(package) for name in names if name.endswith(".py")
+                       and re.search(r"^\s*(import cupy|from cupy)", open(os.path.join(folder, name)).read(), re.M))
+    assert importing == ["backend.py", "cuda.py"]
 
 
 def test_the_kernels_are_off_on_the_cpu_and_on_the_standin(monkeypatch):

@@ -23,6 +23,10 @@ _cuda_module = None  # CuPy once imported and checked, or the module given to us
 def _cupy():
     global _cuda_module
     if _cuda_module is None:
+        if os.environ.get("TINYGRAD_LLM_TF32") == "1":
+            # The TF32 option: CuPy reads CUPY_TF32 at its first float32 2-D matmul (cuda.py
+            # passes TF32 to cuBLAS for the batched ones, where CuPy ignores it).
+            os.environ.setdefault("CUPY_TF32", "1")
         try:
             import cupy
         except ImportError as error:

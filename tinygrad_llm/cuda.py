@@ -11,7 +11,8 @@ array) and its backward with FlashAttention's D_i = rowsum(dO * O), the dropout 
 functional.py runs them when the arrays are on a GPU and TINYGRAD_LLM_CUDA_KERNELS is not
 "0" (read at every call, so one process can time both paths); with "0" the same ops run
 as CuPy array code. TINYGRAD_LLM_TF32=1 lets cuBLAS round matmul inputs to TF32 (10-bit
-mantissa, ~1e-3 relative error; off by default). CuPy is imported only when a kernel is
+mantissa, ~1e-3 relative error; off by default): backend.py turns on CuPy's CUPY_TF32 for
+the 2-D products, `matmul` below calls cuBLAS for the batched ones. CuPy is imported only when a kernel is
 first used; NVRTC compiles the module once and CuPy keeps it under CUPY_CACHE_DIR.
 """
 import functools
@@ -26,7 +27,7 @@ _C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _KERNELS = ("gelu_forward_kernel", "gelu_backward_kernel", "layer_norm_forward_kernel",
             "layer_norm_backward_kernel", "layer_norm_param_grads_kernel", "cross_entropy_forward_kernel",
             "cross_entropy_backward_kernel", "causal_softmax_forward_kernel", "softmax_backward_kernel",
-            "adamw_kernel")
+            "embedding_backward_kernel", "adamw_kernel")
 # The template instances NVRTC compiles (CuPy's name expressions), plus the untemplated mask kernel.
 NAME_EXPRESSIONS = tuple(f"{name}<{c_type}>" for name in _KERNELS for c_type in _C_TYPES.values()) \
     + ("dropout_keep_kernel",)
@@ -203,6 +204,25 @@ __global__ void softmax_backward_kernel(T* datt, const T* att, const bool* keep,
     }
 }
 
+// ---- the embedding gradient: dW[v] = sum of dout over the positions holding id v -----------------
+
+// Positions sorted by id; the thread at the first position of each run of equal ids sums the
+// run in order, one column each: no atomics, so the same bits every run (a scatter-add's
+// order, and so its rounding, changes from run to run).
+template <typename T>
+__global__ void embedding_backward_kernel(const T* dout, const long long* order, const long long* sorted_ids,
+                                          T* dweight, long long N, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    for (long long r = blockIdx.y; r < N; r += gridDim.y) {
+        long long id = sorted_ids[r];
+        if (r > 0 && sorted_ids[r - 1] == id) continue;  // inside a run: its first position sums it
+        T sum = 0;
+        for (long long s = r; s < N && sorted_ids[s] == id; ++s) sum += dout[order[s] * C + c];
+        dweight[id * C + c] = sum;
+    }
+}
+
 // ---- the dropout mask: keep = mix(mix(i) + key) >= threshold (functional.counter_hash_bits) ----
 
 __device__ unsigned int mix32(unsigned int x) {
@@ -246,10 +266,6 @@ def kernels_on(device):
 @functools.cache
 def _module():
     cupy = backend.module_for("cuda")
-    if os.environ.get("TINYGRAD_LLM_TF32") == "1":
-        # CuPy reads CUPY_TF32 when it first multiplies float32 matrices (2-D products);
-        # the batched products of attention below pass TF32 to cuBLAS themselves.
-        os.environ.setdefault("CUPY_TF32", "1")
     return cupy.RawModule(code=SOURCE, options=("--std=c++17",), name_expressions=NAME_EXPRESSIONS)
 
 
@@ -353,6 +369,23 @@ def cross_entropy_backward(dout, cache):
     weight = cupy.asarray(dout / count, dtype=z.dtype).reshape(1)
     _kernel("cross_entropy_backward_kernel", z.dtype)((rows,), (THREADS,), (z, lse, targets, kept, weight, dz, np.int32(V)))
     return dz.reshape(shape), None
+
+
+# ---- embedding ----------------------------------------------------------------------------------
+
+
+def embedding_backward(dout, ids, shape, dtype):
+    """functional.embedding_backward's dweight on the GPU, summed run by run in id order (no atomics)."""
+    cupy = backend.module_for("cuda")
+    flat_ids = ids.reshape(-1).astype(np.int64)
+    order = cupy.argsort(flat_ids)
+    sorted_ids = cupy.ascontiguousarray(flat_ids[order])
+    (d2,) = _contiguous(dout.reshape(-1, shape[1]))
+    dweight = cupy.zeros(shape, dtype=dtype)
+    N, C = d2.shape
+    _kernel("embedding_backward_kernel", dtype)((math.ceil(C / THREADS), min(N, 65535)), (THREADS,),
+                                                (d2, order, sorted_ids, dweight, np.int64(N), np.int32(C)))
+    return dweight
 
 
 # ---- attention ----------------------------------------------------------------------------------

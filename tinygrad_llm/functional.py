@@ -156,8 +156,11 @@ def embedding_forward(ids, weight):
 def embedding_backward(dout, cache):
     # out[b, t] = W[ids[b, t]]  =>  dW[v] = sum of dout[b, t] over the positions with ids[b, t] == v.
     # Repeated ids must add up: sort the ids, then sum each run of equal ids in one pass.
-    # On a GPU the runs are summed by scatter-adds instead (atomic, so not bit-reproducible).
+    # On a GPU: cuda.py's kernel sums the runs in id order; the array path scatter-adds
+    # (atomic, so not bit-reproducible).
     ids, shape, dtype = cache
+    if ids.size and cuda.kernels_on(backend.device_of(dout)):
+        return None, cuda.embedding_backward(dout, ids, shape, dtype)
     xp = xp_of(dout)
     flat_ids = ids.reshape(-1)
     d2 = dout.reshape(-1, shape[1])
