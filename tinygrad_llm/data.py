@@ -1,4 +1,5 @@
-"""The book's sliding-window data loader for next-token prediction, on plain NumPy arrays.
+"""Loaders: a torch-like DataLoader over any dataset, and the book's sliding-window windows for
+next-token prediction, on plain NumPy arrays.
 
 A text becomes one long list of token ids. Window i starts at token i * stride and holds
 max_length ids; its target is the same window shifted one token to the right, so every
@@ -44,23 +45,28 @@ class GPTDatasetV1:
 
 
 class DataLoader:
-    """Batches of a GPTDatasetV1's windows; each pass over it is one epoch.
+    """Batches of any dataset with len() and integer indexing, as torch.utils.data.DataLoader.
 
-    With shuffle=True every epoch draws a new order: from its own generator when a seed is
-    given (the same seed, the same epochs), else from tl.manual_seed's generator.
+    DataLoader(dataset, batch_size=1, shuffle=False, drop_last=False, collate_fn=None, seed=None)
+
+    Each pass over it is one epoch. `collate_fn(items) -> batch` joins the items of a batch;
+    without one, items that are tuples become a tuple of stacked arrays (torch's
+    default_collate, with NumPy: ints become an int64 array), and a dataset that has
+    `batch(indices)` (GPTDatasetV1) builds the batch itself in one gather. With shuffle=True
+    every epoch draws a new order: from the loader's own generator `.rng` when a seed is
+    given (the same seed, the same epochs), else from tl.manual_seed's generator. The
+    training loop saves and restores that state, so a resumed run shuffles as the
+    uninterrupted one.
     """
 
-    def __init__(self, dataset, batch_size, shuffle, drop_last, seed=None):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if drop_last and len(dataset) < batch_size:
-            raise ValueError(f"the text gives {len(dataset)} windows, fewer than batch_size={batch_size}, "
-                             "so drop_last=True leaves no batch: use a longer text, a smaller "
-                             "batch_size or stride, or drop_last=False")
+    def __init__(self, dataset, batch_size=1, shuffle=False, drop_last=False, collate_fn=None, seed=None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         self.dataset = dataset
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.collate_fn = collate_fn
         self.rng = None if seed is None else np.random.default_rng(seed)
 
     def __len__(self):
@@ -72,7 +78,24 @@ class DataLoader:
         if self.shuffle:
             (self.rng or backend.generator()).shuffle(order)
         for b in range(len(self)):
-            yield self.dataset.batch(order[b * self.batch_size:(b + 1) * self.batch_size])
+            indices = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if self.collate_fn is None and hasattr(self.dataset, "batch"):
+                yield self.dataset.batch(indices)
+            else:
+                items = [self.dataset[int(i)] for i in indices]
+                yield (self.collate_fn or default_collate)(items)
+
+
+def default_collate(items):
+    """A list of items -> one batch: tuples field by field, arrays and numbers stacked (ints as int64)."""
+    first = items[0]
+    if isinstance(first, tuple):
+        return tuple(default_collate(list(field)) for field in zip(*items))
+    if isinstance(first, (bool, np.bool_)):
+        return np.asarray(items, dtype=bool)
+    if isinstance(first, (int, np.integer)):
+        return np.asarray(items, dtype=np.int64)
+    return np.stack([np.asarray(item) for item in items])
 
 
 def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=True,
@@ -84,5 +107,11 @@ def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=
     """
     if tokenizer is None:
         tokenizer = get_gpt2_tokenizer()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     dataset = GPTDatasetV1(txt, tokenizer, max_length, stride)
-    return DataLoader(dataset, batch_size, shuffle, drop_last, seed)
+    if drop_last and len(dataset) < batch_size:
+        raise ValueError(f"the text gives {len(dataset)} windows, fewer than batch_size={batch_size}, "
+                         "so drop_last=True leaves no batch: use a longer text, a smaller "
+                         "batch_size or stride, or drop_last=False")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)

@@ -91,7 +91,7 @@ class TrainingDivergedError(RuntimeError):
 
 def calc_loss_batch(input_batch, target_batch, model, device):
     """Mean cross-entropy of the next-token predictions of one batch (a Tensor, for backward)."""
-    _check_device(model, device)
+    check_model_device(model, device)
     logits = model(input_batch)  # (B, T, V)
     return F.cross_entropy(logits, target_batch)  # host targets are checked there, then copied once
 
@@ -121,7 +121,7 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter):
 
 def generate_and_print_sample(model, tokenizer, device, start_context, max_new_tokens=50):
     """Print a greedy continuation of `start_context` on one line (a progress check during training)."""
-    _check_device(model, device)
+    check_model_device(model, device)
     context_size = model.pos_emb.weight.shape[0]
     encoded = text_to_token_ids(start_context, tokenizer)
     token_ids = generate(model, encoded, max_new_tokens, context_size)
@@ -439,7 +439,8 @@ class StopOnSignals:
             signal.signal(signum, handler)
 
 
-def _check_device(model, device):
+def check_model_device(model, device):
+    """A ValueError when `device` (None, "cpu", "cuda", a torch.device ...) is not where the model is."""
     if device is not None and backend.check_device(device) != model.device:
         raise ValueError(f"the model is on {model.device!r} but device={device!r}: move it first with model.to({device!r})")
 
