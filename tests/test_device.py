@@ -15,7 +15,7 @@ import tinygrad_llm as tl
 import tinygrad_llm.functional as F
 from tests import cupy_standin
 from tinygrad_llm import Tensor, backend
-from tinygrad_llm.train import calc_loss_batch, train_model_simple
+from tinygrad_llm.train import calc_loss_batch, train, train_model_simple
 
 CFG = {"vocab_size": 40, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2,
        "drop_rate": 0.0, "qkv_bias": True}
@@ -165,6 +165,18 @@ def test_a_training_step_copies_the_batch_in_and_the_loss_out_and_nothing_else(s
         optimizer.step()
         assert standin_cuda == {"to_device": 2, "to_host": 1}, f"step {step}: {dict(standin_cuda)}"
         assert np.isfinite(loss_value)
+
+
+def test_the_training_loop_touches_the_host_only_for_each_batch_and_its_loss(standin_cuda):
+    # train() with warmup, cosine decay and clipping: per step still 2 copies in, 1 out.
+    model = tl.GPTModel({**CFG, "drop_rate": 0.1}, dtype="float32", seed=0).to("cuda")
+    optimizer = tl.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 40, (2, 8)), rng.integers(0, 40, (2, 8))) for _ in range(4)]
+    standin_cuda.clear()
+    train(model, optimizer, batches, lambda model, batch: calc_loss_batch(*batch, model, "cuda"), num_epochs=1,
+          warmup_steps=2, cosine_decay=True, grad_clip=1.0, clip_during_warmup=True, progress=False)
+    assert standin_cuda == {"to_device": 2 * len(batches), "to_host": len(batches)}
 
 
 def test_dropout_masks_are_made_on_the_device_with_the_expected_rate(standin_cuda):
