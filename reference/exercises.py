@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.adam import _single_tensor_adam
 
-from . import ops, sampling
+from . import instruct, ops, preference, sampling
 
 
 def _t(a, requires_grad=False):
@@ -176,3 +176,21 @@ def lora_backward(dout, x, weight, A, B, alpha):
     x, A, B = _t(x, True), _t(A, True), _t(B, True)
     out = _lora(x, _t(weight), None, A, B, alpha)
     return _np(*torch.autograd.grad(out, (x, A, B), _t(dout)))
+
+
+# ---- chapters 7 and 8 ------------------------------------------------------------------------
+
+
+def masked_collate(batch, pad_token_id, ignore_index, allowed_max_length, instruction_lengths):
+    masked = instruction_lengths is not None
+    items = list(zip(instruction_lengths, batch)) if masked else batch
+    inputs, targets = instruct.custom_collate_fn(items, pad_token_id, ignore_index, allowed_max_length,
+                                                 mask_instruction=masked)
+    return inputs.numpy(), targets.numpy()
+
+
+def dpo_loss(model_chosen_logprobs, model_rejected_logprobs, reference_chosen_logprobs,
+             reference_rejected_logprobs, beta):
+    out = preference.compute_dpo_loss(_t(model_chosen_logprobs), _t(model_rejected_logprobs),
+                                      _t(reference_chosen_logprobs), _t(reference_rejected_logprobs), beta)
+    return tuple(float(t) for t in out)

@@ -4,6 +4,7 @@ import numpy as np
 import tinygrad_llm.functional as F
 from tinygrad_llm import Tensor
 from tinygrad_llm.data import GPTDatasetV1
+from tinygrad_llm.finetune import instruct, preference
 from tinygrad_llm.generate import top_k_filter as library_top_k
 from tinygrad_llm.generate import top_p_filter as library_top_p
 from tinygrad_llm.optim import AdamW, clip_grad_norm_, lr_at_step
@@ -103,15 +104,25 @@ def clip_grad_norm(grads, max_norm):
     return [p.grad for p in params], total
 
 
-def _lora(x, weight, bias, A, B, alpha):
-    return F.linear(x, weight, bias) + (x @ A @ B) * (alpha / A.shape[1])
-
-
 def lora_forward(x, weight, bias, A, B, alpha):
-    return _lora(Tensor(x), Tensor(weight), Tensor(bias), Tensor(A), Tensor(B), alpha).numpy()
+    return F.lora_linear_forward(x, weight, bias, A, B, alpha / A.shape[1])[0]
 
 
 def lora_backward(dout, x, weight, A, B, alpha):
-    x, A, B = (Tensor(a, requires_grad=True) for a in (x, A, B))
-    _lora(x, Tensor(weight), None, A, B, alpha).backward(dout)
-    return x.grad, A.grad, B.grad
+    _, cache = F.lora_linear_forward(x, weight, None, A, B, alpha / A.shape[1])
+    dx, _, _, dA, dB = F.lora_linear_backward(dout, cache, needs_grad=(True, False, False, True, True))
+    return dx, dA, dB
+
+
+def masked_collate(batch, pad_token_id, ignore_index, allowed_max_length, instruction_lengths):
+    if instruction_lengths is None:
+        return instruct.custom_collate_fn(batch, pad_token_id, ignore_index, allowed_max_length)
+    return instruct.custom_collate_fn(list(zip(instruction_lengths, batch)), pad_token_id, ignore_index,
+                                      allowed_max_length, mask_instruction=True)
+
+
+def dpo_loss(model_chosen_logprobs, model_rejected_logprobs, reference_chosen_logprobs, reference_rejected_logprobs,
+             beta):
+    out = preference.compute_dpo_loss(Tensor(model_chosen_logprobs), model_rejected_logprobs,
+                                      reference_chosen_logprobs, reference_rejected_logprobs, beta)
+    return tuple(t.item() for t in out)

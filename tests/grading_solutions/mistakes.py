@@ -294,6 +294,49 @@ def lora_backward__dx_without_adapter(dout, x, weight, A, B, alpha):
     return dout @ weight, s * x2.T @ (d2 @ B.T), s * (x2 @ A).T @ d2
 
 
+# ---- chapters 7 and 8 ---------------------------------------------------------------------
+
+
+def _collate(batch, pad_token_id, ignore_index, allowed_max_length, instruction_lengths, first_pad_kept, shift):
+    longest = max(len(ids) for ids in batch) + 1
+    inputs, targets = [], []
+    for i, ids in enumerate(batch):
+        padded = list(ids) + [pad_token_id] * (longest - len(ids))
+        target = padded[1:]
+        for t in range(len(ids) - (0 if first_pad_kept else 1), len(target)):
+            target[t] = ignore_index
+        if instruction_lengths is not None:
+            for t in range(instruction_lengths[i] - shift):
+                target[t] = ignore_index
+        inputs.append(padded[:-1][:allowed_max_length])
+        targets.append(target[:allowed_max_length])
+    return np.array(inputs), np.array(targets)
+
+
+def masked_collate__first_pad_masked(batch, pad_token_id, ignore_index, allowed_max_length, instruction_lengths):
+    return _collate(batch, pad_token_id, ignore_index, allowed_max_length, instruction_lengths, False, 1)
+
+
+def masked_collate__mask_off_by_one(batch, pad_token_id, ignore_index, allowed_max_length, instruction_lengths):
+    return _collate(batch, pad_token_id, ignore_index, allowed_max_length, instruction_lengths, True, 0)
+
+
+def dpo_loss__sign_error(model_chosen_logprobs, model_rejected_logprobs, reference_chosen_logprobs,
+                         reference_rejected_logprobs, beta):
+    logits = (reference_chosen_logprobs - reference_rejected_logprobs) - (model_chosen_logprobs - model_rejected_logprobs)
+    loss = np.logaddexp(0.0, -beta * logits).mean()
+    return loss, np.mean(model_chosen_logprobs - reference_chosen_logprobs), \
+        np.mean(model_rejected_logprobs - reference_rejected_logprobs)
+
+
+def dpo_loss__rewards_with_beta(model_chosen_logprobs, model_rejected_logprobs, reference_chosen_logprobs,
+                                reference_rejected_logprobs, beta):
+    logits = (model_chosen_logprobs - model_rejected_logprobs) - (reference_chosen_logprobs - reference_rejected_logprobs)
+    loss = np.logaddexp(0.0, -beta * logits).mean()
+    return loss, beta * np.mean(model_chosen_logprobs - reference_chosen_logprobs), \
+        beta * np.mean(model_rejected_logprobs - reference_rejected_logprobs)
+
+
 MISTAKES = [
     ("bpe_merge", "bpe_merge__first_only", "only the first occurrence"),
     ("bpe_merge", "bpe_merge__no_skip", "skip both ids"),
@@ -333,4 +376,8 @@ MISTAKES = [
     ("clip_grad_norm", "clip_grad_norm__always_scales", "scaled up"),
     ("lora_forward", "lora_forward__alpha_without_rank", "alpha / rank"),
     ("lora_backward", "lora_backward__dx_without_adapter", "adapter's path"),
+    ("masked_collate", "masked_collate__first_pad_masked", "first pad of each item must stay"),
+    ("masked_collate", "masked_collate__mask_off_by_one", "instruction mask off by one"),
+    ("dpo_loss", "dpo_loss__sign_error", "sign error"),
+    ("dpo_loss", "dpo_loss__rewards_with_beta", "without beta"),
 ]
