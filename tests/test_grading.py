@@ -177,3 +177,18 @@ def test_adamw_reference_is_torch_optim_adamw():
         expected = (p.detach().numpy(), optimizer.state[p]["exp_avg"].numpy(), optimizer.state[p]["exp_avg_sq"].numpy())
         for a, b in zip(ours, expected):
             np.testing.assert_array_equal(a, b)
+
+
+def test_gradescope_run_autograder(tmp_path):
+    script = ROOT / "docs" / "gradescope" / "run_autograder"
+    (tmp_path / "submission").mkdir()
+    env = {**ENV, "AUTOGRADER": str(tmp_path), "SOURCE": str(ROOT), "PYTHON": sys.executable,
+           "EXERCISES": "bpe_merge split_heads", "GRADE_OPTIONS": "--max-examples 10 --hidden split_heads"}
+    subprocess.run(["bash", str(script)], env=env, check=True, timeout=120, capture_output=True)
+    report = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert report["score"] == 0.0 and "No solution.py" in report["output"] and set(report) <= GRADESCOPE_FIELDS
+    (tmp_path / "submission" / "my_answers.py").write_text((SOLUTIONS / "library.py").read_text())
+    subprocess.run(["bash", str(script)], env=env, check=True, timeout=120, capture_output=True)
+    report = json.loads((tmp_path / "results" / "results.json").read_text())
+    validate_gradescope(report)
+    assert report["score"] == 2.0 and [t["visibility"] for t in report["tests"]] == ["visible", "hidden"]

@@ -17,6 +17,9 @@ import numpy as np
 from . import backend
 
 _grad_enabled = True
+# When set, backward() calls gradient_hook(node, grad) for every node it reaches, in the order
+# it reaches them (tinygrad_llm.viz.gradient_trace sets it for one backward pass).
+gradient_hook = None
 
 
 class no_grad(contextlib.ContextDecorator):
@@ -163,6 +166,8 @@ class Tensor:
             g = grads.pop(id(node), None)
             if g is None:
                 continue
+            if gradient_hook is not None:
+                gradient_hook(node, g)
             if node._backward is None:  # a leaf
                 if node.grad is None:
                     if g.base is not None or id(g) in delivered:
