@@ -93,7 +93,7 @@ def test_gradescope_validator_rejects_a_wrong_field():
 
 @pytest.mark.parametrize("exercise, function, words", mistakes.MISTAKES, ids=[m[1] for m in mistakes.MISTAKES])
 def test_planted_mistake_fails_with_its_hint(exercise, function, words):
-    result = check(EXERCISES[exercise], getattr(mistakes, function), seed=0, max_examples=40)
+    result = check(EXERCISES[exercise], getattr(mistakes, function), seed=0, max_examples=100)
     assert result.status == "fail", result.message
     assert words in result.message, result.message
     assert "smallest hypothesis found" in result.message and "expected" in result.message

@@ -8,6 +8,7 @@ tolerance the exercise states and the reason for it. A wrong answer is then held
 against the wrong answers known mistakes give (a sign error, a missing 1/N, a transposed
 matrix, ...) to say which mistake it looks like.
 """
+import functools
 import importlib
 import math
 from dataclasses import dataclass, field
@@ -242,8 +243,13 @@ def _explains(exercise, mistake, inputs, expected, received):
                 index = exercise.outputs.index(mistake.output)
                 received = as_outputs(exercise, received)[index]
                 expected = as_outputs(exercise, expected)[index]
-                return _same(wrong, received, mistake.output) and not _same(wrong, expected, mistake.output)
-            return _same_answer(exercise, wrong, received) and not _same_answer(exercise, wrong, expected)
+                same = functools.partial(_same, label=mistake.output)
+            else:
+                same = functools.partial(_same_answer, exercise)
+            if not same(wrong, received):
+                return False
+            # Where the mistake gives (nearly) the right answer, this input cannot tell.
+            return None if same(wrong, expected) else True
     except Exception:  # the mistake's formula does not apply to these inputs (shapes that do not fit)
         return None
 
