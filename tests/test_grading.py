@@ -192,3 +192,14 @@ def test_gradescope_run_autograder(tmp_path):
     report = json.loads((tmp_path / "results" / "results.json").read_text())
     validate_gradescope(report)
     assert report["score"] == 2.0 and [t["visibility"] for t in report["tests"]] == ["visible", "hidden"]
+
+
+def test_grading_without_the_references_says_what_is_missing(tmp_path, capsys, monkeypatch):
+    # A worker that cannot import the references (no torch, no checkout) is one clear error.
+    (tmp_path / "s.py").write_text("def bpe_merge(ids, pair, new_id):\n    return ids\n")
+    monkeypatch.setattr("tinygrad_llm.grading.runner._child_environment",
+                        lambda: {**os.environ, "PYTHONPATH": "", "PYTHONNOUSERSITE": "1", "PYTHONSAFEPATH": "1"})
+    monkeypatch.chdir(tmp_path)
+    assert main(["grade", str(tmp_path / "s.py")]) == 2
+    err = capsys.readouterr().err
+    assert "the grading process did not start" in err and "No module named" in err

@@ -204,15 +204,25 @@ def _tail(path, limit=2000):
     return ("..." if size > limit else "") + text
 
 
+class GradingError(ValueError):
+    """The grader itself cannot run (a ValueError, so the command line reports it without a traceback)."""
+
+
 class _Worker:
     """The worker process (worker.py): jobs go in on its stdin, "started" and "ended" lines come out."""
 
-    def __init__(self):
-        self.process = subprocess.Popen([sys.executable, "-m", "tinygrad_llm.grading.worker"],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_environment())
+    def __init__(self, log_path):
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "tinygrad_llm.grading.worker"],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                            env=_child_environment())
         self.buffer = b""
         if self.read_line(timeout=120) != "ready":
-            raise RuntimeError("the grading worker did not start: is torch installed (pip install torch==2.13.0)?")
+            self.process.kill()
+            self.process.wait()
+            raise GradingError("the grading process did not start (grading needs torch and hypothesis: "
+                               "pip install -e '.[grade]' in a checkout of the repository, whose reference/ "
+                               "holds the torch references); its output:\n" + _tail(log_path).rstrip())
 
     def read_line(self, timeout):
         """The next line from the worker, or None after `timeout` seconds without one."""
@@ -292,7 +302,7 @@ def grade(solution, exercises, seed=0, max_examples=100, timeout=30.0, memory_mb
                   "cpu_seconds": int(math.ceil(timeout)) + 1, "output_bytes": OUTPUT_LIMIT,
                   "result": os.path.join(folder, f"{name}.json"), "log": os.path.join(folder, f"{name}.log")}
                  for name in exercises if name not in results]
-        worker = _Worker()
+        worker = _Worker(os.path.join(folder, "worker.log"))
         running = {}  # pid -> [job, start time, timed out]
         try:
             while queue or running:
@@ -304,13 +314,13 @@ def grade(solution, exercises, seed=0, max_examples=100, timeout=30.0, memory_mb
                         _ended(line, running, results, seed)
                         line = worker.read_line(timeout=60)
                     if line is None:
-                        raise RuntimeError("the grading worker stopped answering")
+                        raise GradingError("the grading process stopped answering")
                     running[int(line.split()[2])] = [job, time.monotonic(), False]
                 line = worker.read_line(timeout=0.05)
                 if line is not None:
                     _ended(line, running, results, seed)
                 elif worker.process.poll() is not None:
-                    raise RuntimeError("the grading worker ended unexpectedly")
+                    raise GradingError("the grading process ended unexpectedly")
                 for pid, entry in running.items():
                     if not entry[2] and time.monotonic() - entry[1] > entry[0]["timeout"]:
                         entry[2] = True
