@@ -55,7 +55,7 @@ def library_run(tmp_path_factory):
     """The whole CLI run over every exercise with the library's own functions as the solution."""
     out = tmp_path_factory.mktemp("grade") / "results.json"
     run = subprocess.run([sys.executable, "-m", "tinygrad_llm", "grade", str(SOLUTIONS / "library.py"),
-                          "--json", str(out), "--seed", "7", "--max-examples", "40", "--hidden", "adamw_step",
+                          "--json", str(out), "--seed", "7", "--max-examples", "25", "--hidden", "adamw_step",
                           "--weight", "softmax_backward=3"],
                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     return run, json.loads(out.read_text())

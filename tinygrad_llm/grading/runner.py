@@ -28,16 +28,15 @@ import numpy as np
 
 from .exercise import EXACT, ShapeError, _copy, compare, diagnose
 
-STATUSES = ("pass", "fail", "error", "timeout", "missing")
 OUTPUT_LIMIT = 16 << 20  # bytes a child may print: more is cut off and reported as an error
 
 
 @dataclass
 class Result:
     name: str
-    status: str        # one of STATUSES
+    status: str        # "pass", "fail", "error", "timeout" or "missing" (the file lacks the function)
     message: str       # what went wrong, with the smallest failing input, or the worst error of a pass
-    worst_error: float  # the largest |received - expected| over the examples compared (nan when none)
+    worst_error: float  # |received - expected| where a right answer came closest to the tolerance (nan: none)
     examples: int      # inputs on which the answer was right
     seconds: float
     seed: int
@@ -54,8 +53,7 @@ def _show_inputs(inputs):
     with np.printoptions(precision=17, threshold=200, linewidth=100):
         lines = []
         for name, value in inputs.items():
-            text = repr(value) if isinstance(value, np.ndarray) else repr(value)
-            lines.append(f"    {name} = " + text.replace("\n", "\n" + " " * (len(name) + 7)))
+            lines.append(f"    {name} = " + repr(value).replace("\n", "\n" + " " * (len(name) + 7)))
     return "\n".join(lines)
 
 
@@ -97,13 +95,16 @@ def check(exercise, function, seed=0, max_examples=100, memory_mb=None):
     from hypothesis import seed as hypothesis_seed
 
     reference = exercise.load_reference()
-    # failures: (inputs, expected, received) of the wrong answers seen, the first few and the
-    # latest (the smallest, once shrinking ends): a mistake is named only if it fits them all.
-    state = {"examples": 0, "worst": None, "failure": None, "failures": []}
+    # failure: the last (status, inputs, report, hints), which after shrinking is the smallest.
+    # wrong_answers: (inputs, expected, received) of the first few wrong answers and the latest,
+    # diagnosed once hypothesis is done: a mistake is named only if it fits them all.
+    state = {"examples": 0, "worst": None, "failure": None, "wrong_answers": []}
 
-    def wrong(inputs, expected, received):
-        state["failures"] = state["failures"][:4] + state["failures"][4:][-8:] + [(inputs, expected, received)]
-        return None  # diagnosed once hypothesis is done
+    def wrong(inputs, expected, received, report):
+        answers = state["wrong_answers"]
+        state["wrong_answers"] = answers[:4] + answers[4:][-8:] + [(inputs, expected, received)]
+        state["failure"] = ("fail", inputs, report, None)
+        raise _Wrong
 
     start = time.perf_counter()
 
@@ -124,13 +125,10 @@ def check(exercise, function, seed=0, max_examples=100, memory_mb=None):
         try:
             comparison = compare(exercise, expected, received)
         except ShapeError as error:
-            state["failure"] = ("fail", inputs, f"{error}\n    expected: {_show_value(expected)}\n"
-                                                f"    received: {_show_value(received)}",
-                                wrong(inputs, expected, received))
-            raise _Wrong from None
+            wrong(inputs, expected, received, f"{error}\n    expected: {_show_value(expected)}\n"
+                                              f"    received: {_show_value(received)}")
         if not comparison.ok:
-            state["failure"] = ("fail", inputs, comparison.message, wrong(inputs, expected, received))
-            raise _Wrong
+            wrong(inputs, expected, received, comparison.message)
         state["examples"] += 1
         if state["worst"] is None or comparison.ratio > state["worst"].ratio:
             state["worst"] = comparison
@@ -154,7 +152,7 @@ def check(exercise, function, seed=0, max_examples=100, memory_mb=None):
                       state["examples"], seconds, seed)
     status, inputs, detail, hints = state["failure"]
     if hints is None:
-        hints = diagnose(exercise, state["failures"])
+        hints = diagnose(exercise, state["wrong_answers"])
     lead = "raised an exception on" if status == "error" else "gives a wrong answer on"
     lines = [f"{exercise.signature} {lead} this input (the smallest hypothesis found, after "
              f"{state['examples']} right answers):", _show_inputs(inputs), detail]
