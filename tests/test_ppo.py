@@ -117,3 +117,18 @@ def test_a_bad_reward_is_refused(reward_fn, message):
 def test_prompts_that_leave_no_room_for_the_response_are_refused():
     with pytest.raises(ValueError, match="prompt 0 .* exceed the context length 32"):
         ppo.train_ppo(tl.GPTModel(CFG, seed=6), target_fraction, [np.arange(30)], num_steps=1, response_length=5)
+
+
+def test_a_resumed_run_is_the_uninterrupted_run(tmp_path):
+    options = dict(num_steps=4, response_length=4, lr=3e-3, seed=0, batch_size=4, progress=False)
+    straight = tl.GPTModel(CFG, seed=7)
+    expected = ppo.train_ppo(straight, target_fraction, prompts(8), **options)
+    path = tmp_path / "ppo.safetensors"
+    ppo.train_ppo(tl.GPTModel(CFG, seed=7), target_fraction, prompts(8), **{**options, "num_steps": 2},
+                  checkpoint_path=path)
+    assert (tmp_path / "ppo.value.safetensors").exists()
+    resumed = tl.GPTModel(CFG, seed=7)  # the policy as it started: the reference is a copy of it
+    history = ppo.train_ppo(resumed, target_fraction, prompts(8), **options, checkpoint_path=path, resume=True)
+    assert history == expected
+    for (name, a), b in zip(resumed.named_parameters(), straight.parameters()):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)

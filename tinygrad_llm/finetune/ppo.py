@@ -13,13 +13,14 @@ on the padding after it; every mean below is over the masked tokens of the whole
 """
 import copy
 import math
+import os
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .. import backend
 from .. import functional as F
-from ..checkpoint import save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..generate import generate_stream
 from ..nn import UNFILLED, Linear
 from ..optim import AdamW
@@ -255,6 +256,12 @@ def ppo_update(policy, value_model, optimizer, rollouts, ppo_epochs=4, clip_rang
 # ---- the PPO run -----------------------------------------------------------------------------
 
 
+def value_checkpoint_path(checkpoint_path):
+    """Where train_ppo keeps the value model beside its checkpoint: NAME.value.safetensors."""
+    root, extension = os.path.splitext(os.fspath(checkpoint_path))
+    return f"{root}.value{extension or '.safetensors'}"
+
+
 def _check_prompts(prompts, response_length, cfg):
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of 1-D arrays of token ids")
@@ -271,7 +278,8 @@ def _check_prompts(prompts, response_length, cfg):
 def train_ppo(policy, reward_fn, prompts, num_steps, response_length, lr=1e-5, kl_coef=0.2, seed=None, *,
               batch_size=8, ppo_epochs=4, target_kl=6.0, kl_horizon=10000, clip_range=0.2, clip_range_value=0.2,
               vf_coef=0.1, gamma=1.0, lam=0.95, eos_id=None, grad_clip=1.0, weight_decay=0.0,
-              reference_model=None, value_model=None, checkpoint_path=None, save_every=None, progress=True):
+              reference_model=None, value_model=None, checkpoint_path=None, save_every=None, resume=False,
+              progress=True):
     """RLHF with PPO: `num_steps` rounds of rollouts on `batch_size` prompts, then `ppo_epochs` updates.
 
     policy: a GPTModel, trained in place. reward_fn(prompt_ids, response_ids) -> (B,) scores,
@@ -281,9 +289,14 @@ def train_ppo(policy, reward_fn, prompts, num_steps, response_length, lr=1e-5, k
     1 + clip(kl / target_kl - 1, -0.2, 0.2) * batch_size / kl_horizon per step (target_kl=None:
     fixed). The reference model (default: a frozen copy of the policy) and the value model
     (default: make_value_model) stay as given. The optimizer is AdamW(lr, weight_decay) over
-    the policy and the value model; gradients are clipped to grad_clip. With checkpoint_path
-    the policy is saved (a checkpoint `generate` reads) every save_every steps and at the end.
-    Dropout is off throughout.
+    the policy and the value model; gradients are clipped to grad_clip. Dropout is off throughout.
+
+    With checkpoint_path the run is saved every save_every steps, on Ctrl-C / SIGTERM and at
+    the end: the policy with the optimizer, the step, the KL coefficient, the history and the
+    prompt sampler's state (a checkpoint `generate` reads), and the value model beside it
+    (value_checkpoint_path). resume=True continues a saved run to num_steps, drawing what the
+    uninterrupted run would have; pass the policy as it was at the start, since the default
+    reference model is a copy of it.
 
     Returns the history: per-step lists "reward_mean", "reward_std", "kl" (the summed
     per-token KL of a response, averaged), "kl_coef", "clip_fraction", "policy_loss",
@@ -304,14 +317,25 @@ def train_ppo(policy, reward_fn, prompts, num_steps, response_length, lr=1e-5, k
     value_model.eval()
     history = {key: [] for key in ("reward_mean", "reward_std", "kl", "kl_coef", "clip_fraction", "policy_loss",
                                    "value_loss", "approx_kl", "response_length")}
+    first_step = 0
+    if resume:
+        if checkpoint_path is None:
+            raise ValueError("resume=True needs the checkpoint_path to resume from")
+        state = load_checkpoint(checkpoint_path, policy, optimizer)["ppo_state"]
+        load_checkpoint(value_checkpoint_path(checkpoint_path), value_model)
+        first_step, kl_coef, history = state["step"], state["kl_coef"], state["history"]
+        rng.bit_generator.state = state["sampler"]
 
-    def save(step):
+    def save(steps_done):
         if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, policy, ppo_step=step, ppo_history=history)
+            save_checkpoint(value_checkpoint_path(checkpoint_path), value_model)
+            save_checkpoint(checkpoint_path, policy, optimizer, ppo_state={
+                "step": steps_done, "kl_coef": kl_coef, "history": history, "sampler": rng.bit_generator.state})
 
     try:
-        with StopOnSignals() as stop, tqdm(total=num_steps, disable=not progress, unit="step") as bar:
-            for step in range(num_steps):
+        with StopOnSignals() as stop, tqdm(total=num_steps, initial=first_step, disable=not progress,
+                                           unit="step") as bar:
+            for step in range(first_step, num_steps):
                 chosen = rng.choice(len(prompts), size=batch_size, replace=len(prompts) < batch_size)
                 rollouts = make_rollouts(policy, value_model, reference_model, reward_fn,
                                          [prompts[i] for i in chosen], response_length, kl_coef, eos_id,
@@ -333,11 +357,11 @@ def train_ppo(policy, reward_fn, prompts, num_steps, response_length, lr=1e-5, k
                 bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{kl:.3f}",
                                 clip=f"{record['clip_fraction']:.3f}")
                 if save_every is not None and (step + 1) % save_every == 0:
-                    save(step)
+                    save(step + 1)
                 if stop.requested:
-                    save(step)
+                    save(step + 1)
                     raise TrainingInterrupted(f"PPO interrupted after step {step}", stop.requested)
-        save(num_steps - 1)
+        save(num_steps)
     finally:
         policy.train(modes[0])
         value_model.train(modes[1])
