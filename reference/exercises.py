@@ -178,6 +178,17 @@ def lora_backward(dout, x, weight, A, B, alpha):
     return _np(*torch.autograd.grad(out, (x, A, B), _t(dout)))
 
 
+# ---- chapter 6 --------------------------------------------------------------------------------
+
+
+def classification_accuracy(logits, labels):
+    """The book's calc_accuracy_loader on one batch: argmax of the last position's logits."""
+    logits = _t(logits)[:, -1, :]
+    predicted_labels = torch.argmax(logits, dim=-1)
+    correct = (predicted_labels == torch.tensor(np.asarray(labels))).sum().item()
+    return correct / predicted_labels.shape[0]
+
+
 # ---- chapters 7 and 8 ------------------------------------------------------------------------
 
 

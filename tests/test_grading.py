@@ -80,7 +80,8 @@ def test_results_json_is_gradescopes_format(library_run):
     by_name = {t["name"].split("(")[0]: t for t in report["tests"]}
     assert by_name["adamw_step"]["visibility"] == "hidden" and by_name["gelu_backward"]["visibility"] == "visible"
     assert by_name["softmax_backward"]["max_score"] == 3.0
-    assert report["score"] == len(EXERCISES) + 2.0
+    assert by_name["causal_attention_backward"]["max_score"] == EXERCISES["causal_attention_backward"].weight == 3
+    assert report["score"] == sum(e.weight for e in EXERCISES.values()) - EXERCISES["softmax_backward"].weight + 3
 
 
 def test_gradescope_validator_rejects_a_wrong_field():

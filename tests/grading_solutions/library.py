@@ -4,7 +4,7 @@ import numpy as np
 import tinygrad_llm.functional as F
 from tinygrad_llm import Tensor
 from tinygrad_llm.data import GPTDatasetV1
-from tinygrad_llm.finetune import instruct, preference
+from tinygrad_llm.finetune import classify, instruct, preference
 from tinygrad_llm.generate import top_k_filter as library_top_k
 from tinygrad_llm.generate import top_p_filter as library_top_p
 from tinygrad_llm.optim import AdamW, clip_grad_norm_, lr_at_step
@@ -112,6 +112,26 @@ def lora_backward(dout, x, weight, A, B, alpha):
     _, cache = F.lora_linear_forward(x, weight, None, A, B, alpha / A.shape[1])
     dx, _, _, dA, dB = F.lora_linear_backward(dout, cache, needs_grad=(True, False, False, True, True))
     return dx, dA, dB
+
+
+class _FixedLogits:
+    """A "model" whose output for the batch of rows [[0], [1], ...] is the given logits."""
+
+    device = "cpu"
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    def eval(self):
+        return self
+
+    def __call__(self, ids):
+        return Tensor(self.logits[ids[:, 0]])
+
+
+def classification_accuracy(logits, labels):
+    rows = np.arange(len(logits))[:, None]
+    return classify.calc_accuracy_loader([(rows, labels)], _FixedLogits(logits), "cpu")
 
 
 def masked_collate(batch, pad_token_id, ignore_index, allowed_max_length, instruction_lengths):

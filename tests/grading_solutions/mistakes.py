@@ -294,6 +294,17 @@ def lora_backward__dx_without_adapter(dout, x, weight, A, B, alpha):
     return dout @ weight, s * x2.T @ (d2 @ B.T), s * (x2 @ A).T @ d2
 
 
+# ---- chapter 6 -----------------------------------------------------------------------------
+
+
+def classification_accuracy__first_token(logits, labels):
+    return float((logits[:, 0, :].argmax(axis=-1) == labels).mean())
+
+
+def classification_accuracy__count_not_fraction(logits, labels):
+    return float((logits[:, -1, :].argmax(axis=-1) == labels).sum())
+
+
 # ---- chapters 7 and 8 ---------------------------------------------------------------------
 
 
@@ -376,6 +387,8 @@ MISTAKES = [
     ("clip_grad_norm", "clip_grad_norm__always_scales", "scaled up"),
     ("lora_forward", "lora_forward__alpha_without_rank", "alpha / rank"),
     ("lora_backward", "lora_backward__dx_without_adapter", "adapter's path"),
+    ("classification_accuracy", "classification_accuracy__first_token", "the first position was read"),
+    ("classification_accuracy", "classification_accuracy__count_not_fraction", "missing 1/N"),
     ("masked_collate", "masked_collate__first_pad_masked", "first pad of each item must stay"),
     ("masked_collate", "masked_collate__mask_off_by_one", "instruction mask off by one"),
     ("dpo_loss", "dpo_loss__sign_error", "sign error"),

@@ -70,7 +70,7 @@ def run_grade(args):
         if not names:
             raise ValueError(f"{solution} defines none of the exercises: `tinygrad-llm exercises` lists them")
     seed = secrets.randbelow(2**32) if args.seed is None else args.seed
-    print(f"grading {solution}: {len(names)} exercises, {args.max_examples} inputs each, "
+    print(f"grading {solution}: {len(names)} exercise{'s' * (len(names) > 1)}, {args.max_examples} inputs each, "
           f"{args.timeout:g} s and {args.memory} MB per exercise, seed {seed}", flush=True)
     start = time.perf_counter()
     results = grade(solution, names, seed=seed, max_examples=args.max_examples, timeout=args.timeout,

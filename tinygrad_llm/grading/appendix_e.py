@@ -67,6 +67,7 @@ reshaped to (positions, in) and (positions, out):
     reference="reference.exercises:lora_backward",
     tolerance=Tolerance(1e-10, 1e-12, "float64; short matmul chains in another order"),
     outputs=("dx", "dA", "dB"),
+    weight=2,
     mistakes=(
         Mistake("dx misses the adapter's path s * (dout @ B^T) @ A^T",
                 lambda **a: _lora_backward_variant(**a, adapter=False)[0], output="dx"),

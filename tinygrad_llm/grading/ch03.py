@@ -89,6 +89,7 @@ Scores can be large (q and k reach about 100): subtract each row's maximum befor
     tolerance=Tolerance(1e-9, 1e-11, "float64; softmax normalisation and two matmuls of a few terms "
                                       "each, rounded in another order; scores near 1e4 lose ~1e-12"),
     outputs=("out",),
+    weight=2,
     mistakes=(
         Mistake("mask off by one: a query must also see its own position (hide keys j > i, np.triu(..., k=1))",
                 lambda q, k, v: _attention(q, k, v, hide_from=0)),
@@ -140,6 +141,7 @@ where ^T swaps the last two axes.
     tolerance=Tolerance(1e-8, 1e-10, "float64; a chain of matmuls and a softmax backward, whose "
                                       "row sums cancel: absolute error ~1e-13 at gradients of order 1-100"),
     outputs=("dq", "dk", "dv"),
+    weight=3,
     mistakes=(
         Mistake("a transposed matrix: dv = P^T @ dout, not P @ dout",
                 lambda dout, q, k, v: _attention_backward(dout, q, k, v, transposed_dv=True)),

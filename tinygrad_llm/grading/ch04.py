@@ -60,6 +60,7 @@ The two means are how each x moves its row's mean and variance. Rows can sit far
     tolerance=Tolerance(1e-7, 1e-8, "float64; dx is amplified by 1/std (up to 1/sqrt(eps) ~ 300 on "
                                      "constant rows) and rows at 1000 lose their mean's ~1e-13"),
     outputs=("dx", "dscale", "dshift"),
+    weight=2,
     mistakes=(
         Mistake("the unbiased variance (divided by C - 1): LayerNorm divides by C",
                 lambda dout, x, scale, eps: _layer_norm_variant(dout, x, scale, eps, ddof=1)),

@@ -185,6 +185,7 @@ than top_p of the probability (reference/sampling.py's rule).
     reference="reference.exercises:top_p_filter",
     tolerance=Tolerance(0.0, 0.0, "kept logits are copied, the others are exactly -inf"),
     outputs=("logits",),
+    weight=2,
     mistakes=(
         Mistake("off by one: the token whose probability takes the running sum to top_p is kept too",
                 lambda logits, top_p: _top_p_variant(logits, top_p, reaching_kept=False)),
@@ -243,6 +244,7 @@ step (1 for the first); betas = (beta1, beta2). Return the new param, exp_avg, e
     tolerance=Tolerance(1e-10, 1e-12, "float64; torch folds the bias corrections into a step size "
                                        "and rounds in another order, a few ulps"),
     outputs=("param", "exp_avg", "exp_avg_sq"),
+    weight=2,
     mistakes=(
         Mistake("the bias correction is missing: divide the moments by (1 - beta^step)",
                 lambda **a: _adamw_variant(**a, bias_correction=False)),

@@ -51,6 +51,7 @@ None, cut both to their first allowed_max_length positions. Return int64 arrays.
     reference="reference.exercises:masked_collate",
     tolerance=EXACT,
     outputs=("inputs", "targets"),
+    weight=2,
     mistakes=(
         Mistake("the first pad of each item must stay a target (the end of the answer); mask only the pads after it",
                 lambda **a: _collate(**a, keep_first_pad=False)),

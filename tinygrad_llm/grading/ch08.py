@@ -46,6 +46,7 @@ log(1 + exp(-z)) overflows written that way; np.logaddexp(0, -z) does not.
     reference="reference.exercises:dpo_loss",
     tolerance=Tolerance(1e-9, 1e-12, "float64; logsigmoid and a mean of a few terms in another order"),
     outputs=("loss", "chosen_rewards", "rejected_rewards"),
+    weight=2,
     mistakes=(
         Mistake("a sign error: the loss is -log sigmoid(+beta * logits), lower when the chosen answer gains",
                 lambda **a: _dpo(**a, sign=-1.0)),

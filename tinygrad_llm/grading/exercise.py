@@ -56,7 +56,7 @@ class Exercise:
     tolerance: Tolerance
     outputs: tuple               # names of the outputs ("dx",) or ("dx", "dscale", "dshift")
     mistakes: tuple = ()
-    weight: float = 1.0
+    weight: float = 1.0          # points: 2 or 3 for the longer derivations
     error_hints: tuple = field(default=())  # (text found in an exception message, hint)
 
     @property
