@@ -1,0 +1,12 @@
+"""`tinygrad-llm finetune TASK`: the book's fine-tunes, one module per task, registered in TASKS."""
+from . import preference
+
+TASKS = (preference.add_dpo, preference.add_reward, preference.add_ppo)
+
+
+def add_finetune(subparsers):
+    p = subparsers.add_parser("finetune", help="fine-tune a GPT: dpo, reward, ppo (chapter 8)",
+                              description="Fine-tune a pretrained GPT on one of the book's tasks.")
+    tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    for add in TASKS:
+        add(tasks)
