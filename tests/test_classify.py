@@ -16,7 +16,7 @@ from reference import gpt as torch_gpt
 from tinygrad_llm.data import DataLoader
 from tinygrad_llm.finetune.classify import (SpamDataset, calc_accuracy_loader, calc_loss_batch, calc_loss_loader,
                                             classify_review, create_balanced_dataset, evaluate_model, load_sms_spam,
-                                            num_trainable_parameters, prepare_classifier, random_split,
+                                            prepare_classifier, random_split,
                                             train_classifier_simple)
 from tinygrad_llm.tokenizers import get_gpt2_tokenizer
 
@@ -112,10 +112,10 @@ def test_the_books_surgery_freezes_all_but_the_last_block_and_final_norm():
     cfg = {**tl.GPT_CONFIG_124M, "context_length": 8, "qkv_bias": True}
     model = prepare_classifier(tl.GPTModel(cfg, init_weights=False), trainable="last-block")
     block = 4 * 768 * 768 + 3 * 768 + 768 + 2 * 768 * 3072 + 3072 + 768 + 4 * 768  # attention, FFN, two norms
-    assert num_trainable_parameters(model) == block + 2 * 768 + 768 * 2 + 2  # + final norm + the new head
+    assert model.num_parameters(trainable=True) == block + 2 * 768 + 768 * 2 + 2  # + final norm + the new head
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert all(name.startswith(("trf_blocks.11.", "final_norm.", "out_head.")) for name in trainable)
-    assert num_trainable_parameters(prepare_classifier(model, trainable="head")) == 768 * 2 + 2
+    assert prepare_classifier(model, trainable="head").num_parameters(trainable=True) == 768 * 2 + 2
     with pytest.raises(ValueError, match="trainable must be one of head, last-block, last-2, all"):
         prepare_classifier(model, trainable="first-block")
 

@@ -450,23 +450,29 @@ def check_model_device(model, device):
 
 def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path):
     """The book's figure: train and val loss against epochs, a second x axis of tokens seen; a PNG at `path`."""
+    return plot_values(epochs_seen, tokens_seen, train_losses, val_losses, path)
+
+
+def plot_values(epochs_seen, seen, train_values, val_values, path, label="loss", seen_label="Tokens seen"):
+    """The book's plot_values (chapters 5 and 6): training and validation `label` against epochs, a
+    second x axis of tokens or examples seen; an image at `path` (PNG, PDF, ... by its suffix)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as error:
-        raise RuntimeError("the loss plot needs matplotlib: pip install 'tinygrad_llm[plot]'") from error
+        raise RuntimeError("the plots need matplotlib: pip install 'tinygrad_llm[plot]'") from error
     # A bare Figure draws without pyplot, so no GUI backend is touched and nothing global changes.
     fig = Figure(figsize=(5, 3))
     FigureCanvasAgg(fig)
     ax1 = fig.add_subplot()
-    ax1.plot(epochs_seen, train_losses, label="Training loss")
-    ax1.plot(epochs_seen, val_losses, linestyle="-.", label="Validation loss")
+    ax1.plot(epochs_seen, train_values, label=f"Training {label}")
+    ax1.plot(epochs_seen, val_values, linestyle="-.", label=f"Validation {label}")
     ax1.set_xlabel("Epochs")
-    ax1.set_ylabel("Loss")
-    ax1.legend(loc="upper right")
-    ax2 = ax1.twiny()  # the same curve against tokens seen, drawn invisibly to place the top axis
-    ax2.plot(tokens_seen, train_losses, alpha=0)
-    ax2.set_xlabel("Tokens seen")
+    ax1.set_ylabel(label.capitalize())
+    ax1.legend(loc="best")
+    ax2 = ax1.twiny()  # the same curve against what was seen, drawn invisibly to place the top axis
+    ax2.plot(seen, train_values, alpha=0)
+    ax2.set_xlabel(seen_label)
     fig.tight_layout()
     fig.savefig(path)
     return path

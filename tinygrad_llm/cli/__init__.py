@@ -9,10 +9,10 @@ import argparse
 import sys
 
 from ..datasets import DownloadError
-from . import exercises, finetune, generate, gpt2, grade, info, prepare, pretrain
+from . import classify, exercises, finetune, generate, gpt2, grade, info, prepare, pretrain
 
-SUBCOMMANDS = (pretrain.add_pretrain, finetune.add_finetune, generate.add_generate, gpt2.add_import_gpt2,
-               info.add_info, grade.add_grade, exercises.add_exercises, prepare.add_prepare)
+SUBCOMMANDS = (pretrain.add_pretrain, finetune.add_finetune, classify.add_classify, generate.add_generate,
+               gpt2.add_import_gpt2, info.add_info, grade.add_grade, exercises.add_exercises, prepare.add_prepare)
 
 
 def build_parser():

@@ -25,7 +25,7 @@ from .. import backend, datasets
 from .. import functional as F
 from ..nn import Linear
 from ..tensor import no_grad
-from ..train import check_model_device, train
+from ..train import check_model_device, plot_values, read_metrics, train
 
 LABELS = {"ham": 0, "spam": 1}
 CLASS_NAMES = ("not spam", "spam")  # what classify_review returns for class 0 and 1
@@ -227,10 +227,6 @@ def prepare_classifier(model, num_classes=2, trainable="last-block", seed=123):
     return model
 
 
-def num_trainable_parameters(model):
-    return sum(p.size for p in model.parameters() if p.requires_grad)
-
-
 def class_logits(model, input_batch, token="last", pad_token_id=50256):
     """The (B, num_classes) logits a classifier reads: of the last position, the last real token or the mean."""
     if token not in TOKENS:
@@ -358,3 +354,44 @@ def classify_review(text, model, tokenizer, device, max_length=None, pad_token_i
         logits = class_logits(model, np.asarray([input_ids], dtype=np.int64), token, pad_token_id)
     return CLASS_NAMES[int(backend.to_host(logits.data).argmax(axis=-1)[0])]
 
+
+
+def plot_classifier_metrics(metrics, folder):
+    """The book's figures 6.16 and 6.17 from a metrics log (a path or its records): loss-plot.png
+    and accuracy-plot.png in `folder`, against epochs and examples seen; returns their paths."""
+    records = read_metrics(metrics) if isinstance(metrics, (str, os.PathLike)) else metrics
+    evals = [r for r in records if r["event"] == "eval"]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    if not evals or not epochs:
+        return []
+    per_epoch = epochs[0]["examples_seen"] / epochs[0]["epoch"]  # examples in one epoch
+    paths = []
+    for label, rows, key in (("loss", evals, "loss"), ("accuracy", epochs, "accuracy")):
+        seen = [r["examples_seen"] for r in rows]
+        path = os.path.join(folder, f"{label}-plot.png")
+        paths.append(plot_values([n / per_epoch for n in seen], seen, [r[f"train_{key}"] for r in rows],
+                                 [r[f"val_{key}"] for r in rows], path, label=label, seen_label="Examples seen"))
+    return paths
+
+
+def load_classifier(path, dtype=None):
+    """A classifier saved by `tinygrad-llm finetune classify` (or any checkpoint whose metadata holds
+    "classifier": {"num_classes", "token", "max_length", "pad_token_id", "lora"}): (model, that dict)."""
+    from ..checkpoint import load_checkpoint, read_checkpoint
+    from ..model import GPTModel
+
+    info = read_checkpoint(path)
+    settings = info["metadata"].get("classifier")
+    if settings is None:
+        raise ValueError(f"{path} is not a classifier checkpoint (its metadata has no 'classifier'): "
+                         "make one with `tinygrad-llm finetune classify`")
+    dtype = info["tensors"]["model.tok_emb.weight"][1] if dtype is None else dtype
+    model = GPTModel(info["config"], dtype=dtype, init_weights=False)
+    prepare_classifier(model, settings["num_classes"], trainable="head", seed=None)
+    if settings.get("lora"):
+        from ..lora import replace_linear_with_lora
+
+        replace_linear_with_lora(model, settings["lora"]["rank"], settings["lora"]["alpha"])
+    load_checkpoint(path, model)
+    model.eval()
+    return model, settings
