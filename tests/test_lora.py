@@ -7,14 +7,18 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 import tinygrad_llm as tl
 import tinygrad_llm.functional as F
+from reference import classify as torch_classify
 from reference import lora as torch_lora
 from reference.gpt import GPTModel as TorchGPTModel
-from reference.gpt import load_into_torch
+from reference.gpt import from_torch_state_dict, load_into_torch
 from tinygrad_llm import Tensor, nn, no_grad
+from tinygrad_llm.finetune.classify import prepare_classifier, train_classifier_simple
 from tinygrad_llm.lora import (LinearWithLoRA, LoRALayer, load_lora, lora_layers, merge_lora, replace_linear_with_lora,
                                save_lora)
 
@@ -360,3 +364,62 @@ def test_adapters_train_merge_and_round_trip_on_each_device(device, tmp_path):
     again = adapted_classifier()
     load_lora(tmp_path / "b.safetensors", again)
     np.testing.assert_array_equal(logits_of(again, batch), expected)
+
+
+# ---- the book's LoRA fine-tune, step for step against torch ----------------------------------
+
+CLASSIFIER = {"vocab_size": 50257, "context_length": 12, "emb_dim": 8, "n_heads": 2, "n_layers": 2,
+              "drop_rate": 0.0, "qkv_bias": True}  # the whole vocabulary, so the pad id 50256 is a token
+
+
+def spam_like_batches(rng, n_batches, batch_size=3, length=6, vocab=60, pad_token_id=50256):
+    """Texts of 1..length random tokens right-padded as SpamDataset pads them, and random labels."""
+    batches = []
+    for _ in range(n_batches):
+        batch = rng.integers(0, vocab, (batch_size, length))
+        lengths = rng.integers(1, length + 1, batch_size)
+        batch[np.arange(length)[None, :] >= lengths[:, None]] = pad_token_id
+        batches.append((batch, rng.integers(0, 2, batch_size)))
+    return batches
+
+
+@settings(max_examples=4, deadline=None)
+@given(n_layers=st.integers(1, 2), rank=st.sampled_from([1, 2, 4]), alpha=st.sampled_from([1, 4, 16]),
+       token=st.sampled_from(["last", "last-real", "mean"]), dtype=st.sampled_from(["float64", "float32"]),
+       seed=st.integers(0, 2**16))
+def test_the_books_lora_fine_tune_matches_torch_step_for_step(n_layers, rank, alpha, token, dtype, seed):
+    cfg = {**CLASSIFIER, "n_layers": n_layers}
+    rng = np.random.default_rng(seed)
+    train_batches, val_batches = spam_like_batches(rng, 10), spam_like_batches(rng, 3)
+    # Appendix E: the chapter 6 head, everything frozen (the head too), every Linear adapted.
+    model = prepare_classifier(tl.GPTModel(cfg, dtype=dtype, seed=seed), trainable="head", seed=seed)
+    for p in model.parameters():
+        p.requires_grad = False
+    replace_linear_with_lora(model, rank=rank, alpha=alpha)
+    twin = TorchGPTModel(cfg)
+    twin.out_head = torch.nn.Linear(cfg["emb_dim"], 2)
+    for p in twin.parameters():
+        p.requires_grad = False
+    torch_lora.replace_linear_with_lora(twin, rank=rank, alpha=alpha)
+    load_into_torch(twin.to(torch.float64 if dtype == "float64" else torch.float32), model.state_dict())
+    # The book's optimizer call on every parameter: both skip the frozen ones (no .grad).
+    ours = tl.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.1)
+    theirs = torch.optim.AdamW(twin.parameters(), lr=5e-3, weight_decay=0.1)
+    run = dict(num_epochs=2, eval_freq=3, eval_iter=2, token=token)  # 20 steps, 7 evaluations, 2 accuracies
+
+    got = train_classifier_simple(model, train_batches, val_batches, ours, "cpu", **run, progress=False)
+    expected = torch_classify.train_classifier_simple(twin, train_batches, val_batches, theirs, "cpu", **run)
+
+    # float64 agrees to rounding; float32 to its precision after 20 AdamW steps
+    rtol = 1e-9 if dtype == "float64" else 1e-4
+    for name, ours_values, torch_values in zip(("train loss", "val loss"), got[:2], expected[:2]):
+        assert len(ours_values) == len(torch_values) == 7
+        np.testing.assert_allclose(ours_values, torch_values, rtol=rtol, err_msg=name)
+    assert got[2:] == expected[2:]  # the accuracies and the examples seen
+    twin_state = from_torch_state_dict(twin.state_dict())
+    for name, array in model.state_dict().items():
+        # AdamW divides by sqrt(v): an entry whose gradients were ~0 moves by rounding-sized steps
+        np.testing.assert_allclose(array, twin_state[name], rtol=rtol * 10, atol=rtol * 1e-2, err_msg=name)
+    trained = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert trained == {f"{name}.lora.{part}" for name in lora_layers(model) for part in "AB"}
+    assert not np.array_equal(model.out_head.lora.B.numpy(), 0)  # B moved off zero: the adapters learned
