@@ -68,13 +68,15 @@ def test_pretrain_output(files, tmp_path, capsys):
     assert "Final: train loss" in out and str(tmp_path / "checkpoint.safetensors") in out
 
 
-def test_resume_of_a_finished_run_trains_no_more_and_refuses_changed_settings(trained, capsys):
+def test_resume_of_a_finished_run_trains_no_more_and_refuses_changed_settings(files, trained, capsys):
     before = read_checkpoint(trained / "checkpoint.safetensors")["metadata"]["train_state"]["step"]
-    assert main(["pretrain", "--out", str(trained), "--resume", "--no-progress"]) == 0
+    # The run's data is a file: resuming names it again (a checkpoint never picks the file to read).
+    data = ["--data", str(files / "text.txt")]
+    assert main(["pretrain", "--out", str(trained), "--resume", "--no-progress", *data]) == 0
     assert read_checkpoint(trained / "checkpoint.safetensors")["metadata"]["train_state"]["step"] == before
     capsys.readouterr()
     with pytest.raises(SystemExit, match=r"--lr \(0.5, saved 0.0004\)"):
-        main(["pretrain", "--out", str(trained), "--resume", "--lr", "0.5"])
+        main(["pretrain", "--out", str(trained), "--resume", "--lr", "0.5", *data])
 
 
 def test_save_every_writes_mid_epoch_checkpoints(files, tmp_path, monkeypatch):
@@ -93,9 +95,10 @@ def test_save_every_writes_mid_epoch_checkpoints(files, tmp_path, monkeypatch):
     assert saved_steps == expected
 
 
-def test_save_every_must_be_positive(files, tmp_path):
-    with pytest.raises(SystemExit, match="--save-every must be a number of steps >= 1, got 0"):
+def test_save_every_must_be_positive(files, tmp_path, capsys):
+    with pytest.raises(SystemExit):
         main(pretrain_args(files, tmp_path, "--save-every", "0"))
+    assert "argument --save-every: value must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 def test_generate_streams_what_the_api_generates(trained, capsys):
@@ -171,7 +174,9 @@ def test_ctrl_c_or_sigterm_writes_a_checkpoint_and_resume_finishes(files, tmp_pa
     state = read_checkpoint(out / "checkpoint.safetensors")["metadata"]["train_state"]
     assert state["step"] >= 3 and state["epoch"] == 0  # stopped after a finished step, mid-epoch
 
-    assert main(["pretrain", "--out", str(out), "--resume", "--no-progress"]) == 0
+    resume = stderr.strip().splitlines()[-1].split()  # the command the message suggests
+    assert resume[:2] == ["tinygrad-llm", "pretrain"]
+    assert main([*resume[1:], "--no-progress"]) == 0
     finished = read_checkpoint(out / "checkpoint.safetensors")["metadata"]["train_state"]
     assert finished["epoch"] == 3
     evals = [record for record in finished["history"] if record["event"] == "eval"]

@@ -115,7 +115,7 @@ def test_bad_token_id_raises_naming_it(model, bad, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(context_size=9), "context_size 9"), (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k"),
+    (dict(context_size=9), r"context_size .* <= 8, got 9"), (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k"),
     (dict(temperature=-1.0), "temperature"), (dict(max_new_tokens=-1), "max_new_tokens")])
 def test_bad_options_raise(model, kwargs, message):
     args = {"max_new_tokens": 3, "context_size": 8, **kwargs}

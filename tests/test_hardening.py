@@ -387,3 +387,310 @@ def test_loading_a_checkpoint_allocates_under_a_fifth_of_the_model(large_checkpo
     child = subprocess.run([sys.executable, "-c", LOAD_UNDER_A_LIMIT, str(large_checkpoint), optimizer],
                            capture_output=True, text=True, timeout=300)
     assert child.returncode == 0 and child.stdout.strip() == "loaded", child.stderr[-2000:]
+
+
+# ---- the command line: every case through the CLI in a subprocess ------------------------------
+
+CLI_CFG = {"vocab_size": 50257, "context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
+           "drop_rate": 0.0, "qkv_bias": False}
+
+
+def run_cli(*args, **env):
+    return subprocess.run([sys.executable, "-m", "tinygrad_llm", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def assert_refused(result, *named):
+    """Exit code != 0, no traceback, and the message names each of `named` (the option, the file)."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    for name in named:
+        assert str(name) in result.stderr, (name, result.stderr)
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    """A short text, a config file, and a finished one-epoch run trained on the text."""
+    from tinygrad_llm import datasets
+    from tinygrad_llm.cli import main
+
+    folder = tmp_path_factory.mktemp("cli")
+    with open(datasets.path("the-verdict"), encoding="utf-8") as f:
+        (folder / "text.txt").write_text(f.read()[:2000], encoding="utf-8")
+    (folder / "tiny.json").write_text(json.dumps(CLI_CFG))
+    assert main(["pretrain", "--data", str(folder / "text.txt"), "--config", str(folder / "tiny.json"), "--epochs", "1",
+                 "--batch-size", "4", "--eval-iter", "1", "--no-progress", "--out", str(folder / "run")]) == 0
+    return folder
+
+
+def pretrain(files, *extra):
+    return ["pretrain", "--data", files / "text.txt", "--config", files / "tiny.json", "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "-1", "value must be > 0.0, got -1.0"),
+    ("--lr", "abc", "expected a number, got 'abc'"),
+    ("--grad-clip", "0", "value must be > 0.0, got 0.0"),
+    ("--grad-clip", "-1", "value must be > 0.0"),
+    ("--grad-clip", "nan", "value must be a finite number > 0.0, got nan"),
+    ("--warmup", "-5", "value must be an integer >= 0, got -5"),
+    ("--train-ratio", "-0.5", "value must be > 0.0 and < 1.0, got -0.5"),
+    ("--train-ratio", "1", "value must be > 0.0 and < 1.0, got 1.0"),
+    ("--epochs", "0", "value must be an integer >= 1, got 0"),
+    ("--eval-freq", "0", "value must be an integer >= 1, got 0"),
+    ("--eval-iter", "0", "value must be an integer >= 1"),
+    ("--batch-size", "2.5", "expected an integer, got '2.5'"),
+    ("--seed", "-1", "value must be an integer >= 0"),
+    ("--save-every", "0", "value must be an integer >= 1"),
+    ("--device", "tpu", "unknown device 'tpu'"),
+])
+def test_pretrain_refuses_a_bad_option_value_naming_it(cli_files, tmp_path, option, value, message):
+    assert_refused(run_cli(*pretrain(cli_files, "--out", tmp_path / "run", option, value)), f"argument {option}", message)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_pretrain_refuses_a_folder_that_holds_a_run_without_resume_or_overwrite(cli_files):
+    checkpoint = cli_files / "run" / "checkpoint.safetensors"
+    before = checkpoint.read_bytes()
+    assert_refused(run_cli(*pretrain(cli_files, "--out", cli_files / "run")), checkpoint, "--resume", "--overwrite")
+    assert checkpoint.read_bytes() == before
+
+
+def test_pretrain_overwrite_starts_a_new_run(cli_files, tmp_path):
+    import shutil
+
+    shutil.copytree(cli_files / "run", tmp_path / "run")
+    result = run_cli(*pretrain(cli_files, "--out", tmp_path / "run", "--overwrite", "--epochs", "1", "--batch-size", "4",
+                               "--eval-iter", "1", "--seed", "7"))
+    assert result.returncode == 0, result.stderr
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.safetensors")["metadata"]["run"]["seed"] == 7
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: (d / "out").write_text("a file"), "is a file, not a folder"),
+])
+def test_pretrain_checks_out_before_training(cli_files, tmp_path, make, message):
+    make(tmp_path)
+    assert_refused(run_cli(*pretrain(cli_files, "--out", tmp_path / "out")), "--out", tmp_path / "out", message)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary", "is not UTF-8 text"),
+])
+def test_pretrain_refuses_binary_data(cli_files, tmp_path, content, message):
+    (tmp_path / "data.bin").write_bytes(content)
+    result = run_cli("pretrain", "--data", tmp_path / "data.bin", "--config", cli_files / "tiny.json",
+                     "--out", tmp_path / "run")
+    assert_refused(result, tmp_path / "data.bin", message)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({k: v for k, v in CLI_CFG.items() if k != "n_layers"}, "is missing ['n_layers']"),
+    ({**CLI_CFG, "n_layers": -1}, "n_layers must be an integer >= 1, got -1"),
+    ({**CLI_CFG, "emb_dim": 2**40, "n_heads": 1}, "more than this machine's"),
+])
+def test_pretrain_refuses_a_bad_config_file_naming_it(cli_files, tmp_path, config, message):
+    (tmp_path / "bad.json").write_text(json.dumps(config))
+    result = run_cli("pretrain", "--data", cli_files / "text.txt", "--config", tmp_path / "bad.json",
+                     "--out", tmp_path / "run")
+    assert_refused(result, tmp_path / "bad.json", message)
+
+
+def test_resume_refuses_changed_data_unless_told(cli_files, tmp_path):
+    import shutil
+
+    shutil.copytree(cli_files / "run", tmp_path / "run")
+    (tmp_path / "other.txt").write_text((cli_files / "text.txt").read_text() + " and more", encoding="utf-8")
+    resume = ["pretrain", "--out", tmp_path / "run", "--resume", "--no-progress", "--data", tmp_path / "other.txt"]
+    assert_refused(run_cli(*resume), "--data", "differs from the data this run began on", "--data-changed")
+    result = run_cli(*resume, "--data-changed")
+    assert result.returncode == 0, result.stderr
+    # the same text under another name is the same data
+    shutil.copy(cli_files / "text.txt", tmp_path / "moved.txt")
+    shutil.copytree(cli_files / "run", tmp_path / "run2")
+    result = run_cli("pretrain", "--out", tmp_path / "run2", "--resume", "--no-progress", "--data", tmp_path / "moved.txt")
+    assert result.returncode == 0, result.stderr
+
+
+def test_resume_never_opens_a_file_named_only_by_the_checkpoint(cli_files, tmp_path):
+    import shutil
+
+    shutil.copytree(cli_files / "run", tmp_path / "run")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private " * 500)
+    tamper(tmp_path / "run" / "checkpoint.safetensors",
+           header=set_json("metadata", lambda m: m["run"].update(data=str(secret))))
+    result = run_cli("pretrain", "--out", tmp_path / "run", "--resume", "--no-progress")
+    assert_refused(result, "--data", str(secret), "never makes pretrain open a file you did not name")
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("lr", -1.0, "lr = -1.0"),
+    ("eval_freq", 0, "eval_freq = 0"),
+    ("config", {**CLI_CFG, "n_layers": 0}, "run config: n_layers must be an integer >= 1"),
+])
+def test_resume_refuses_tampered_run_settings(cli_files, tmp_path, setting, value, message):
+    import shutil
+
+    shutil.copytree(cli_files / "run", tmp_path / "run")
+    tamper(tmp_path / "run" / "checkpoint.safetensors",
+           header=set_json("metadata", lambda m: m["run"].update({setting: value})))
+    result = run_cli("pretrain", "--out", tmp_path / "run", "--resume", "--data", cli_files / "text.txt")
+    assert_refused(result, "checkpoint.safetensors", message)
+
+
+def test_resume_refuses_a_tampered_position(cli_files, tmp_path):
+    import shutil
+
+    shutil.copytree(cli_files / "run", tmp_path / "run")
+    tamper(tmp_path / "run" / "checkpoint.safetensors",
+           header=set_json("metadata", lambda m: m["train_state"].update(epoch=-3)))
+    result = run_cli("pretrain", "--out", tmp_path / "run", "--resume", "--data", cli_files / "text.txt")
+    assert_refused(result, "checkpoint.safetensors", "train_state epoch must be an integer >= 0, got -3")
+    assert_refused(run_cli("info", "--checkpoint", tmp_path / "run" / "checkpoint.safetensors"), "train_state epoch")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--temperature", "nan", "value must be a finite number >= 0.0, got nan"),
+    ("--temperature", "-1", "value must be >= 0.0"),
+    ("--top-p", "0", "value must be > 0.0 and <= 1.0, got 0.0"),
+    ("--top-p", "1.5", "value must be > 0.0 and <= 1.0"),
+    ("--top-k", "0", "value must be an integer >= 1"),
+    ("--max-new-tokens", "-1", "value must be an integer >= 0"),
+    ("--max-new-tokens", "ten", "expected an integer, got 'ten'"),
+])
+def test_generate_refuses_a_bad_option_value_naming_it(cli_files, option, value, message):
+    result = run_cli("generate", "--checkpoint", cli_files / "run" / "checkpoint.safetensors", option, value)
+    assert_refused(result, f"argument {option}", message)
+
+
+@pytest.mark.parametrize("command", ["generate", "info"])
+def test_a_missing_checkpoint_is_named_at_once(tmp_path, command):
+    assert_refused(run_cli(command, "--checkpoint", tmp_path / "nothing.safetensors"), "--checkpoint",
+                   tmp_path / "nothing.safetensors", "does not exist")
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_before_generating(cli_files, tmp_path):
+    path = tmp_path / "nan.safetensors"
+    path.write_bytes((cli_files / "run" / "checkpoint.safetensors").read_bytes())
+    tamper(path, nan_at("model.trf_blocks.0.att.W_query.weight"))
+    result = run_cli("generate", "--checkpoint", path)
+    assert_refused(result, path, "'trf_blocks.0.att.W_query.weight' holds nan")
+    assert result.stdout == ""
+
+
+def test_import_gpt2_out_must_be_a_file(tmp_path, hf_folder):
+    assert_refused(run_cli("import-gpt2", "--from", hf_folder, "--out", tmp_path), "--out", "is a folder, not a file")
+
+
+def test_device_cuda_without_cupy_is_one_message(cli_files, tmp_path):
+    pytest.importorskip("numpy")
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed here")
+    except ImportError:
+        pass
+    for args in (pretrain(cli_files, "--out", tmp_path / "run", "--device", "cuda"),
+                 ["generate", "--checkpoint", cli_files / "run" / "checkpoint.safetensors", "--device", "cuda:0"]):
+        assert_refused(run_cli(*args), "argument --device", "needs CuPy")
+    assert_refused(run_cli("generate", "--checkpoint", cli_files / "run" / "checkpoint.safetensors",
+                           TINYGRAD_LLM_DEVICE="cuda"), "--device", "needs CuPy")
+
+
+def test_generate_into_a_closed_pipe_stops_quietly(cli_files):
+    child = subprocess.Popen([sys.executable, "-m", "tinygrad_llm", "generate", "--checkpoint",
+                              str(cli_files / "run" / "checkpoint.safetensors"), "--max-new-tokens", "1000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.read(10)  # as `| head -c 10` does, then the reader goes away
+    child.stdout.close()
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=300) == 141  # 128 + SIGPIPE, what a shell shows for a closed pipe
+    assert stderr == ""
+
+
+# ---- devices as the book passes them ------------------------------------------------------------
+
+class TorchLikeDevice:
+    """What the library reads of a torch.device: .type and .index (torch itself is not needed)."""
+
+    def __init__(self, type, index=None):
+        self.type, self.index = type, index
+
+    def __repr__(self):
+        return f"device(type={self.type!r}, index={self.index})"
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", TorchLikeDevice("cpu"), TorchLikeDevice("cpu", 0)])
+def test_a_torch_device_or_an_indexed_name_is_accepted_wherever_a_device_is(device):
+    from tinygrad_llm.train import calc_loss_batch
+
+    model = tl.GPTModel(CFG, seed=0).to(device=device)
+    assert model.device == "cpu" and tl.Tensor(np.ones(2), device=device).device == "cpu"
+    assert np.isfinite(calc_loss_batch(IDS, IDS, model, device).item())
+    assert tl.backend.check_device(device) == "cpu"
+
+
+def test_the_real_torch_device_and_cuda_0_are_understood():
+    torch = pytest.importorskip("torch")
+    assert tl.backend.check_device(torch.device("cpu")) == "cpu"
+    assert tl.backend.check_device(torch.device("cuda", 0)) == "cuda"
+    assert tl.backend.check_device("cuda:0") == "cuda"
+    for bad in ("cuda:1", "gpu", TorchLikeDevice("mps"), None):
+        with pytest.raises(ValueError, match="unknown device"):
+            tl.backend.check_device(bad)
+
+
+# ---- the Python API: numbers from outside -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_model():
+    return tl.GPTModel(CFG, seed=0).eval()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=None), "max_new_tokens must be an integer, got None"),
+    (dict(max_new_tokens=2.0), "max_new_tokens must be an integer, got 2.0"),
+    (dict(temperature=float("nan")), "temperature .* must be a finite number >= 0.0, got nan"),
+    (dict(temperature=float("inf")), "temperature .* must be a finite number"),
+    (dict(top_k=2.5), "top_k .* must be an integer"),
+    (dict(top_p=float("nan")), "top_p .* must be a finite number"),
+    (dict(context_size=4.0), "context_size .* must be an integer, got 4.0"),
+    (dict(idx=np.zeros((0, 3), np.int64)), r"at least one sequence of at least one token, got shape \(0, 3\)"),
+])
+def test_generate_refuses_a_bad_argument_naming_it(small_model, kwargs, message):
+    args = {"idx": IDS, "max_new_tokens": 3, "context_size": 8, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        tl.generate(small_model, args.pop("idx"), **args)
+
+
+def test_a_tiny_temperature_is_the_greedy_limit_not_token_zero(small_model):
+    greedy = tl.generate(small_model, IDS, 5, 8)
+    for temperature in (1e-320, 1e-300, 5e-324):
+        np.testing.assert_array_equal(tl.generate(small_model, IDS, 5, 8, temperature=temperature, seed=1), greedy)
+
+
+def test_nan_logits_stop_generation_with_a_message():
+    model = tl.GPTModel(CFG, seed=0).eval()
+    model.final_norm.shift.data[0] = np.nan  # as weights overflowed in memory, past the loaders' checks
+    with pytest.raises(ValueError, match="the model's logits are NaN"):
+        tl.generate(model, IDS, 3, 8, temperature=1.0)
+
+
+@pytest.mark.parametrize("batch", [np.zeros((0, 4), np.int64), np.zeros((2, 0), np.int64)])
+def test_the_model_refuses_an_empty_batch(small_model, batch):
+    with pytest.raises(ValueError, match="empty batch of token ids"):
+        small_model(batch)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(stride=2.5), "stride must be an integer, got 2.5"),
+    (dict(max_length=4.0), "max_length must be an integer, got 4.0"),
+    (dict(max_length=0), "max_length must be an integer >= 1, got 0"),
+    (dict(batch_size=1.5), "batch_size must be an integer"),
+])
+def test_the_book_loader_refuses_float_or_zero_sizes(kwargs, message):
+    from tinygrad_llm.data import create_dataloader_v1
+
+    args = {"batch_size": 2, "max_length": 4, "stride": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        create_dataloader_v1("Every effort moves you forward, and the text goes on for a while here.", **args)

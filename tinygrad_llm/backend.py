@@ -62,9 +62,16 @@ def cuda_is_cupy():
 
 
 def check_device(device):
-    if device not in DEVICES:
-        raise ValueError(f"unknown device {device!r}: expected one of {DEVICES}")
-    return device
+    """"cpu" or "cuda" for a device name, "cuda:0", or a torch.device (read through its .type and
+    .index, so torch is never imported); anything else is a ValueError naming it."""
+    name, index = device, None
+    if not isinstance(device, str) and hasattr(device, "type"):  # torch.device("cuda", 0)
+        name, index = device.type, device.index
+    elif isinstance(device, str) and ":" in device:
+        name, _, index = device.partition(":")
+    if name not in DEVICES or index not in (None, 0, "0"):
+        raise ValueError(f"unknown device {device!r}: expected one of {DEVICES} (or 'cuda:0', the current GPU)")
+    return name
 
 
 def default_device():
@@ -88,7 +95,8 @@ def xp_of(array):
 
 def to_device(array, device):
     """The array on `device`, without a copy when it is already there."""
-    if device_of(array) == check_device(device):
+    device = check_device(device)
+    if device_of(array) == device:
         return array
     if device == "cpu":
         return _cupy().asnumpy(array)

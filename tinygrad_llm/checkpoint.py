@@ -121,7 +121,8 @@ def check_train_state(state, source, batches_per_epoch=None, accumulation_steps=
     for key in ("step", "epoch", "batch", "seen"):
         validation.integer(f"{source}: train_state {key}", state[key], minimum=0)
     validation.number(f"{source}: train_state seconds", state.get("seconds", 0.0), minimum=0.0)
-    if not isinstance(state["history"], list) or not all(isinstance(record, dict) for record in state["history"]):
+    if not isinstance(state["history"], list) or not all(isinstance(record, dict) and isinstance(record.get("event"), str)
+                                                         for record in state["history"]):
         raise ValueError(f"{source}: train_state history must be a list of records")
     if not isinstance(state["peak_lrs"], list) or not state["peak_lrs"]:
         raise ValueError(f"{source}: train_state peak_lrs must be a list of learning rates")

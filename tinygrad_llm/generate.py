@@ -13,7 +13,7 @@ every row gets the tokens it gets alone. A row that reaches eos_id leaves the ba
 """
 import numpy as np
 
-from . import backend
+from . import backend, validation
 from .functional import check_token_ids
 from .tensor import Tensor, no_grad
 
@@ -90,6 +90,9 @@ def _generate(model, tokens, padding, max_new_tokens, context_size, temperature,
         else:
             logits = model(tokens[active, -1:], cache=cache)
         logits = backend.to_host(logits.data[:, -1, :]).astype(np.float64)  # (active rows, V)
+        if np.isnan(logits).any():
+            raise ValueError("the model's logits are NaN: its weights or activations overflowed, "
+                             "so no token can be chosen")
         if temperature == 0.0:
             picked = logits.argmax(axis=-1).astype(np.int64)
         else:
@@ -154,8 +157,12 @@ def pick_next_token(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
 def next_token_probabilities(logits, temperature=1.0, top_k=None, top_p=None):
     """The distribution a token is sampled from, (B, V), in transformers' order: the logits
     divided by the temperature, then top-k, then top-p. (Top-k keeps the same tokens at any
-    temperature; the nucleus of top-p depends on it.)"""
-    logits = logits / temperature
+    temperature; the nucleus of top-p depends on it.)
+
+    The largest logit is subtracted before dividing (softmax does not change), so a tiny
+    temperature sends the others to -inf, which is its limit, greedy, rather than to NaN."""
+    with np.errstate(over="ignore"):
+        logits = (logits - logits.max(axis=-1, keepdims=True)) / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
@@ -200,13 +207,12 @@ def _softmax(logits):
 
 def _check_prompt(model, idx, context_size):
     idx = np.asarray(backend.to_host(idx.data if isinstance(idx, Tensor) else idx))
-    if idx.ndim != 2 or idx.shape[1] == 0:
-        raise ValueError(f"generate expects a prompt of token ids shaped (batch, tokens) with at least one token, "
-                         f"got shape {idx.shape}")
+    if idx.ndim != 2 or 0 in idx.shape:
+        raise ValueError(f"generate expects a prompt of token ids shaped (batch, tokens) with at least one "
+                         f"sequence of at least one token, got shape {idx.shape}")
     idx = check_token_ids(idx, model.cfg["vocab_size"]).astype(np.int64)
-    if not 1 <= context_size <= model.cfg["context_length"]:
-        raise ValueError(f"context_size {context_size} must be between 1 and the model's context length "
-                         f"{model.cfg['context_length']}")
+    validation.integer("context_size (at most the context length)", context_size, 1,
+                       model.cfg["context_length"])
     return idx
 
 
@@ -225,14 +231,12 @@ def _check_prompt_list(model, prompts, context_size):
 
 
 def _check_options(max_new_tokens, temperature, top_k, top_p):
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (or None), got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p}")
+    validation.integer("max_new_tokens", max_new_tokens, minimum=0)
+    validation.number("temperature (0 means greedy)", temperature, minimum=0.0)
+    if top_k is not None:
+        validation.integer("top_k (or None)", top_k, minimum=1)
+    if top_p is not None:
+        validation.number("top_p (or None)", top_p, minimum=0.0, maximum=1.0, above=True)
 
 
 # ---- text helpers (the book's chapter 5) -----------------------------------------------------

@@ -23,7 +23,7 @@ import numpy as np
 from . import backend, datasets, validation
 from .checkpoint import atomic_write
 from .tensor_files import SafetensorsFile
-from .model import GPT2_SIZES, GPTModel, layer_norm_eps
+from .model import GPT2_SIZES, GPTModel, check_fits_in_memory, layer_norm_eps
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -308,7 +308,9 @@ def load_hf_gpt2(path_or_dir, dtype="float32"):
     """
     config_path, weights_path = _weights_file(path_or_dir)
     hf_config = _read_config(config_path)
-    model = GPTModel(book_config(hf_config, config_path), dtype=dtype, init_weights=False)  # loaded next
+    config = book_config(hf_config, config_path)
+    check_fits_in_memory(config, dtype, source=config_path)
+    model = GPTModel(config, dtype=dtype, init_weights=False)  # loaded next
     if weights_path.suffix == ".safetensors":
         tensors = _FileTensors(weights_path)
     else:

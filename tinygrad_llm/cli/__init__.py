@@ -6,6 +6,8 @@ checkpoint), so the command line adds no behaviour of its own and a new subcomma
 more module and one more entry in SUBCOMMANDS.
 """
 import argparse
+import os
+import signal
 import sys
 
 from ..datasets import DownloadError
@@ -27,8 +29,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as error:
-        # Errors at the boundary (a bad checkpoint, token id or option) already name the problem.
+    except BrokenPipeError:
+        # The reader went away (`tinygrad-llm generate | head`): stop quietly, as a pipeline expects.
+        # stdout goes to /dev/null so the interpreter's last flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except (ValueError, OSError) as error:
+        # Errors at the boundary (a bad checkpoint, token id or option; a missing file, a full
+        # disk) already name the problem and the file.
         print(f"tinygrad-llm {args.command}: {error}", file=sys.stderr)
         return 2
     except DownloadError as error:

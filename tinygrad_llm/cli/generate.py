@@ -1,10 +1,9 @@
 """`tinygrad-llm generate`: continue a prompt, streaming the text."""
 import numpy as np
 
-from .. import backend
 from ..checkpoint import model_from_checkpoint
 from ..generate import generate_stream, text_to_token_ids
-from .common import START_CONTEXT, get_tokenizer, load_openai_gpt2
+from .common import START_CONTEXT, add_device_option, existing_file, get_tokenizer, integer, load_openai_gpt2, number
 
 
 def add_generate(subparsers):
@@ -14,17 +13,18 @@ def add_generate(subparsers):
                                           "greedy; otherwise the temperature, then top-k, then top-p shape the "
                                           "distribution sampled from.")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", help="a checkpoint written by pretrain or import-gpt2")
+    which.add_argument("--checkpoint", type=existing_file, help="a checkpoint written by pretrain or import-gpt2")
     which.add_argument("--model", metavar="SIZE|DIR",
                        help="OpenAI's GPT-2: gpt2-small ... gpt2-xl or 124M ... 1558M (downloaded on first use, "
                             "which needs a network) or a Hugging Face folder")
     p.add_argument("--prompt", default=START_CONTEXT, help=f"the text to continue (default {START_CONTEXT!r})")
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability")
-    p.add_argument("--seed", type=int, help="seed of the sampling (default: a fresh random one)")
-    p.add_argument("--device", choices=backend.DEVICES, default=backend.default_device())
+    p.add_argument("--max-new-tokens", type=integer(minimum=0), default=50)
+    p.add_argument("--temperature", type=number(minimum=0.0), default=0.0, help="0 (default) is greedy decoding")
+    p.add_argument("--top-k", type=integer(minimum=1), help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=number(minimum=0.0, maximum=1.0, above=True),
+                   help="sample among the most likely tokens holding this probability")
+    p.add_argument("--seed", type=integer(minimum=0), help="seed of the sampling (default: a fresh random one)")
+    add_device_option(p)
     p.set_defaults(run=run_generate)
 
 

@@ -1,6 +1,6 @@
 """`tinygrad-llm import-gpt2`: OpenAI's GPT-2 weights as a checkpoint."""
 from ..checkpoint import save_checkpoint
-from .common import load_openai_gpt2
+from .common import load_openai_gpt2, output_file
 
 
 def add_import_gpt2(subparsers):
@@ -11,7 +11,7 @@ def add_import_gpt2(subparsers):
                                           "fine-tuning.")
     p.add_argument("--from", dest="source", required=True, metavar="DIR|SIZE",
                    help="a Hugging Face folder, or gpt2-small ... gpt2-xl, 124M ... 1558M")
-    p.add_argument("--out", required=True, metavar="CHECKPOINT", help="the checkpoint file to write")
+    p.add_argument("--out", required=True, type=output_file, metavar="CHECKPOINT", help="the checkpoint file to write")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.set_defaults(run=run_import_gpt2)
 

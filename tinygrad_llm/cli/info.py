@@ -4,15 +4,16 @@ import math
 
 import numpy as np
 
-from ..checkpoint import read_checkpoint
+from ..checkpoint import check_train_state, read_checkpoint
 from ..model import parameter_counts
+from .common import existing_file
 
 
 def add_info(subparsers):
     p = subparsers.add_parser("info", help="describe a checkpoint: config, parameters, memory, training state",
                               description="Print a checkpoint's model config, parameter counts, memory and "
                                           "training progress without loading the weights.")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, type=existing_file)
     p.set_defaults(run=run_info)
 
 
@@ -29,6 +30,7 @@ def run_info(args):
           + (f" ({info['optimizer']['type']})" if info["optimizer"] else ""))
     state = info["metadata"].get("train_state")
     if state:
+        check_train_state(state, args.checkpoint)
         evals = [record for record in state["history"] if record["event"] == "eval"]
         last = evals[-1] if evals else {}
         unit = next((key[:-len("_seen")] for key in last if key.endswith("_seen")), "items")

@@ -1,21 +1,34 @@
 """`tinygrad-llm pretrain`: the book's chapter 5 run from a terminal."""
+import argparse
+import hashlib
+import json
 import os
+import shlex
 import signal
 import sys
 import time
 
 from .. import backend
 from ..checkpoint import read_checkpoint
-from ..model import GPTModel, parameter_counts
+from ..model import GPTModel, check_config, parameter_counts
 from ..optim import AdamW
 from ..train import TrainingDivergedError, perplexity, plot_losses, train_model_simple
-from .common import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, START_CONTEXT, get_tokenizer, model_config, read_text
+from .common import (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, START_CONTEXT, add_device_option, get_tokenizer,
+                     integer, model_config, number, output_folder, read_text, text_sha256)
 
 # pretrain's settings and their defaults (the book's chapter 5 run, on the tiny model).
 PRETRAIN_DEFAULTS = {
     "data": "the-verdict", "config": "tiny", "epochs": 10, "batch_size": 2, "context_length": None,
     "lr": 4e-4, "weight_decay": 0.1, "warmup": 0, "cosine": False, "min_lr": 0.0, "grad_clip": None,
     "train_ratio": 0.9, "eval_freq": 5, "eval_iter": 5, "seed": 123,
+}
+# The numeric settings' option types: the command line's values and those a checkpoint saved obey them.
+OPTION_TYPES = {
+    "epochs": integer(minimum=1), "batch_size": integer(minimum=1), "context_length": integer(minimum=1),
+    "lr": number(minimum=0.0, above=True), "weight_decay": number(minimum=0.0), "warmup": integer(minimum=0),
+    "min_lr": number(minimum=0.0), "grad_clip": number(minimum=0.0, above=True),
+    "train_ratio": number(minimum=0.0, maximum=1.0, above=True, below=True),
+    "eval_freq": integer(minimum=1), "eval_iter": integer(minimum=1), "seed": integer(minimum=0),
 }
 
 
@@ -32,28 +45,32 @@ def add_pretrain(subparsers):
                                   f"tinygrad-llm prepare (default {d['data']})")
     p.add_argument("--config", help="tiny, gpt2-small, gpt2-medium, gpt2-large, gpt2-xl, 124M, ... or FILE.json "
                                     f"(default {d['config']})")
-    p.add_argument("--epochs", type=int, help=f"default {d['epochs']}")
-    p.add_argument("--batch-size", type=int, help=f"default {d['batch_size']}")
-    p.add_argument("--context-length", type=int,
+    p.add_argument("--epochs", type=OPTION_TYPES["epochs"], help=f"default {d['epochs']}")
+    p.add_argument("--batch-size", type=OPTION_TYPES["batch_size"], help=f"default {d['batch_size']}")
+    p.add_argument("--context-length", type=OPTION_TYPES["context_length"],
                    help="tokens per training window (the loader's max_length = stride) and the model's context "
                         "(default: the config's)")
-    p.add_argument("--lr", type=float, help=f"AdamW's (peak) learning rate (default {d['lr']})")
-    p.add_argument("--weight-decay", type=float, help=f"default {d['weight_decay']}")
-    p.add_argument("--warmup", type=int, help="linear learning-rate warmup steps (default 0)")
+    p.add_argument("--lr", type=OPTION_TYPES["lr"], help=f"AdamW's (peak) learning rate (default {d['lr']})")
+    p.add_argument("--weight-decay", type=OPTION_TYPES["weight_decay"], help=f"default {d['weight_decay']}")
+    p.add_argument("--warmup", type=OPTION_TYPES["warmup"], help="linear learning-rate warmup steps (default 0)")
     p.add_argument("--cosine", action="store_const", const=True, help="cosine decay of the learning rate to --min-lr")
-    p.add_argument("--min-lr", type=float, help="the learning rate at the end of the cosine decay (default 0)")
-    p.add_argument("--grad-clip", type=float, help="clip the gradients' global L2 norm to this (default off)")
-    p.add_argument("--train-ratio", type=float, help=f"share of the text used for training (default {d['train_ratio']})")
-    p.add_argument("--eval-freq", type=int, help=f"evaluate every this many steps (default {d['eval_freq']})")
-    p.add_argument("--eval-iter", type=int, help=f"batches per evaluation (default {d['eval_iter']})")
-    p.add_argument("--seed", type=int, help=f"seeds initialisation, shuffling and dropout (default {d['seed']})")
-    p.add_argument("--save-every", type=int, metavar="N",
+    p.add_argument("--min-lr", type=OPTION_TYPES["min_lr"], help="the learning rate at the end of the cosine decay (default 0)")
+    p.add_argument("--grad-clip", type=OPTION_TYPES["grad_clip"], help="clip the gradients' global L2 norm to this (default off)")
+    p.add_argument("--train-ratio", type=OPTION_TYPES["train_ratio"], help=f"share of the text used for training (default {d['train_ratio']})")
+    p.add_argument("--eval-freq", type=OPTION_TYPES["eval_freq"], help=f"evaluate every this many steps (default {d['eval_freq']})")
+    p.add_argument("--eval-iter", type=OPTION_TYPES["eval_iter"], help=f"batches per evaluation (default {d['eval_iter']})")
+    p.add_argument("--seed", type=OPTION_TYPES["seed"], help=f"seeds initialisation, shuffling and dropout (default {d['seed']})")
+    p.add_argument("--save-every", type=integer(minimum=1), metavar="N",
                    help="also write the checkpoint every N steps, mid-epoch (default: after each epoch only)")
-    p.add_argument("--out", required=True, help=f"folder for the checkpoint, the metrics log ({METRICS_NAME}: "
+    p.add_argument("--out", required=True, type=output_folder, help=f"folder for the checkpoint, the metrics log ({METRICS_NAME}: "
                                                 "one JSON line per evaluation) and the plot")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT with its saved settings")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an OUT that holds one, replacing its checkpoint (default: refuse)")
+    p.add_argument("--data-changed", action="store_true",
+                   help="with --resume, continue although the --data text differs from the one the run began on")
     p.add_argument("--plot", action="store_true", help=f"write the loss plot to OUT/{PLOT_NAME}")
-    p.add_argument("--device", choices=backend.DEVICES, default=backend.default_device())
+    add_device_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run_pretrain)
 
@@ -62,6 +79,9 @@ def pretrain_settings(args, checkpoint):
     """The run's settings: the defaults overridden by the flags given, or with --resume the saved ones."""
     given = {key: getattr(args, key) for key in PRETRAIN_DEFAULTS if getattr(args, key) is not None}
     if not args.resume:
+        if os.path.exists(checkpoint) and not args.overwrite:
+            raise SystemExit(f"{checkpoint} holds a run already: continue it with --resume, or replace it "
+                             "with --overwrite (or choose another --out)")
         settings = {**PRETRAIN_DEFAULTS, **given}
         settings["config"] = model_config(settings["config"])
         if settings["context_length"] is not None:
@@ -73,6 +93,12 @@ def pretrain_settings(args, checkpoint):
     settings = read_checkpoint(checkpoint)["metadata"].get("run")
     if settings is None:
         raise SystemExit(f"--resume: {checkpoint} was not written by pretrain, so there is no run to continue")
+    settings = _checked_saved_settings(settings, checkpoint)
+    if "data" in given:  # the same text may have moved: its sha256 is compared in run_pretrain
+        settings = {**settings, "data": given.pop("data")}
+    elif _is_path(settings["data"]):
+        raise SystemExit(f"--resume: the run trained on the file {settings['data']!r}; name it with --data to "
+                         "continue (a checkpoint never makes pretrain open a file you did not name)")
     if "config" in given:
         given["config"] = {**model_config(given["config"]), "context_length": settings["context_length"]}
     conflicts = [f"--{key.replace('_', '-')} ({value!r}, saved {settings[key]!r})"
@@ -80,6 +106,39 @@ def pretrain_settings(args, checkpoint):
     if conflicts:
         raise SystemExit(f"--resume continues the saved run unchanged, but these flags differ from it: "
                          f"{', '.join(conflicts)}")
+    return settings
+
+
+def _is_path(data):
+    from .. import datasets
+
+    return data not in datasets.REGISTRY
+
+
+def _data_fingerprint(data):
+    """The sha256 of the text, or of a shard folder's list of shard sha256s (its index holds them)."""
+    from ..shards import is_shard_folder, read_index
+
+    if is_shard_folder(data):
+        return hashlib.sha256(json.dumps([shard["sha256"] for shard in read_index(data)["shards"]]).encode()).hexdigest()
+    return text_sha256(read_text(data))
+
+
+def _checked_saved_settings(settings, checkpoint):
+    """The run settings stored in a checkpoint, held to the same rules as the options they came from."""
+    if not isinstance(settings, dict) or not set(PRETRAIN_DEFAULTS) <= set(settings):
+        raise SystemExit(f"--resume: {checkpoint} holds damaged run settings")
+    for key, option_type in OPTION_TYPES.items():
+        value = settings[key]
+        if value is None and PRETRAIN_DEFAULTS[key] is None:
+            continue
+        try:
+            option_type(str(value))
+        except argparse.ArgumentTypeError as error:
+            raise SystemExit(f"--resume: {checkpoint} holds the setting {key} = {value!r}: {error}") from None
+    if not isinstance(settings["data"], str) or not isinstance(settings["cosine"], bool):
+        raise SystemExit(f"--resume: {checkpoint} holds damaged run settings (data, cosine)")
+    check_config(settings["config"], source=f"{checkpoint}: run config")
     return settings
 
 
@@ -106,9 +165,14 @@ def pretrain_loaders(s):
 
 def run_pretrain(args):
     checkpoint = os.path.join(args.out, CHECKPOINT_NAME)
-    if args.save_every is not None and args.save_every < 1:
-        raise SystemExit(f"--save-every must be a number of steps >= 1, got {args.save_every}")
     s = pretrain_settings(args, checkpoint)
+    data_sha256 = _data_fingerprint(s["data"])
+    if args.resume and s.get("data_sha256", data_sha256) != data_sha256 and not args.data_changed:
+        raise SystemExit(f"--resume: the data of --data {s['data']} differs from the data this run began on "
+                         f"(sha256 {data_sha256[:12]}..., saved {s['data_sha256'][:12]}...); resuming on other "
+                         "data continues from a batch position that no longer means anything. Continue anyway "
+                         "with --data-changed")
+    s["data_sha256"] = data_sha256
     train_loader, val_loader = pretrain_loaders(s)
     backend.manual_seed(s["seed"])
     model = GPTModel(s["config"]).to(device=args.device)
@@ -129,7 +193,8 @@ def run_pretrain(args):
             metrics_path=os.path.join(args.out, METRICS_NAME), progress=not args.no_progress)
     except KeyboardInterrupt as error:
         print(f"\nInterrupted: the checkpoint {checkpoint} holds the last finished step; continue with\n"
-              f"  tinygrad-llm pretrain --out {args.out} --resume", file=sys.stderr)
+              f"  tinygrad-llm pretrain --out {shlex.quote(args.out)} --resume"
+              + (f" --data {shlex.quote(s['data'])}" if _is_path(s["data"]) else ""), file=sys.stderr)
         return 128 + getattr(error, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
     except TrainingDivergedError as error:
         print(error, file=sys.stderr)
