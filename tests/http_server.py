@@ -6,10 +6,12 @@
 It serves a dict of path -> bytes (any other path is a 404) and records each request's
 path and Range header. Two switches, which a test may flip between requests, simulate
 bad servers: `drop_after=n` sends the full Content-Length but closes the connection after
-n bytes of the body; `honour_range=False` ignores Range requests and sends the whole file.
+n bytes of the body; `honour_range=False` ignores Range requests and sends the whole file;
+`drip_seconds=s` sends the body one byte every s seconds (a server that never quite stalls).
 """
 import contextlib
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -21,6 +23,7 @@ class FileServer(ThreadingHTTPServer):
         self.files = dict(files)
         self.drop_after = None
         self.honour_range = True
+        self.drip_seconds = None
         self.requests = []  # (path, Range header or None)
 
     def url(self, path):
@@ -52,6 +55,14 @@ class FileHandler(BaseHTTPRequestHandler):
         if server.drop_after is not None:
             self.wfile.write(body[:server.drop_after])
             self.close_connection = True  # the socket closes with the body unfinished
+        elif server.drip_seconds is not None:
+            try:
+                for i in range(len(body)):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(server.drip_seconds)
+            except OSError:
+                pass  # the client gave up
         else:
             self.wfile.write(body)
 

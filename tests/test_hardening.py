@@ -694,3 +694,134 @@ def test_the_book_loader_refuses_float_or_zero_sizes(kwargs, message):
     args = {"batch_size": 2, "max_length": 4, "stride": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         create_dataloader_v1("Every effort moves you forward, and the text goes on for a while here.", **args)
+
+
+# ---- downloaded files ---------------------------------------------------------------------------
+
+def test_a_server_that_trickles_bytes_meets_the_overall_deadline(tmp_path):
+    import time
+
+    from tests.http_server import serve
+    from tinygrad_llm.datasets import DownloadError, download_file
+
+    with serve({"/slow.bin": b"x" * 1000}) as server:
+        server.drip_seconds = 0.05  # a byte every 50 ms: never silent for the read timeout
+        started = time.monotonic()
+        with pytest.raises(DownloadError, match="took longer than its deadline of 1 s after .* of 1000 bytes"):
+            download_file(server.url("/slow.bin"), tmp_path / "slow.bin", progress=False, deadline=1, read_timeout=5)
+        assert time.monotonic() - started < 4
+    assert not (tmp_path / "slow.bin").exists() and (tmp_path / "slow.bin.part").exists()  # kept to resume
+
+
+def test_a_server_that_never_answers_is_one_download_error(tmp_path):
+    import socket
+
+    from tinygrad_llm.datasets import DownloadError, download_file
+
+    with socket.socket() as listener:  # accepts connections (the backlog) and never says a word
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/file"
+        with pytest.raises(DownloadError, match=r"download of .*/file failed: no answer for 0.5 s"):
+            download_file(url, tmp_path / "file", progress=False, read_timeout=0.5)
+    assert list(tmp_path.iterdir()) == []
+
+
+DOWNLOAD_ON_A_FULL_DISK = """
+import resource, signal, sys
+from tinygrad_llm.datasets import download_file
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+try:
+    download_file(sys.argv[1], sys.argv[2], progress=False)
+except OSError as error:
+    print(error)
+"""
+
+
+def test_a_full_disk_during_a_download_deletes_the_part_file(tmp_path):
+    from tests.http_server import serve
+
+    with serve({"/big.bin": b"x" * 300_000}) as server:
+        child = subprocess.run([sys.executable, "-c", DOWNLOAD_ON_A_FULL_DISK, server.url("/big.bin"),
+                                str(tmp_path / "big.bin")], capture_output=True, text=True, timeout=120)
+    assert f"cannot write {tmp_path / 'big.bin.part'}" in child.stdout, child.stderr
+    assert "the partial download was deleted" in child.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def gpt2_hub(tmp_path):
+    """A small GPT-2 as the hub serves it for "124M": {url path: bytes}."""
+    folder = save_hf_gpt2(tl.GPTModel({**CFG, "qkv_bias": True, "tie_weights": True}, seed=0), tmp_path / "hub")
+    hub = "/openai-community/gpt2/resolve/main"
+    return {f"{hub}/{name}": (folder / name).read_bytes() for name in ("config.json", "model.safetensors")}
+
+
+def test_a_cached_html_page_as_config_json_is_downloaded_again(gpt2_hub, tmp_path):
+    from tests.http_server import serve
+    from tinygrad_llm.weights import download_gpt2
+
+    with serve(gpt2_hub) as server:
+        folder = download_gpt2("124M", tmp_path / "models", base_url=server.url(""), progress=False)
+        (folder / "config.json").write_text("<html><body>Too many requests</body></html>")  # saved once, long ago
+        assert download_gpt2("124M", tmp_path / "models", base_url=server.url(""), progress=False) == folder
+        assert [path for path, _ in server.requests].count("/openai-community/gpt2/resolve/main/config.json") == 2
+    assert json.loads((folder / "config.json").read_text())["n_embd"] == 16
+    load_hf_gpt2(folder)
+
+
+def test_an_html_page_served_as_config_json_is_refused_naming_it(gpt2_hub, tmp_path):
+    from tests.http_server import serve
+    from tinygrad_llm.weights import download_gpt2
+
+    hub = {**gpt2_hub, "/openai-community/gpt2/resolve/main/config.json": b"<html>Too many requests</html>"}
+    with serve(hub) as server:
+        with pytest.raises(ValueError, match=r"config.json did not send what was expected \(.*config.json.part is not a JSON config"):
+            download_gpt2("124M", tmp_path / "models", base_url=server.url(""), progress=False)
+    assert list((tmp_path / "models" / "124M").iterdir()) == []
+
+
+def test_a_corrupt_zip_is_refused_naming_it_and_nothing_stays(tmp_path, monkeypatch):
+    import dataclasses
+
+    from tests.http_server import serve
+    from tinygrad_llm import datasets
+
+    monkeypatch.delenv("TINYGRAD_LLM_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with serve({"/sms.zip": b"PK\x03\x04 this is no zip archive at all"}) as server:
+        entry = datasets.get("sms-spam-collection")
+        monkeypatch.setitem(datasets.REGISTRY, entry.name, dataclasses.replace(entry, url=server.url("/sms.zip")))
+        with pytest.raises(ValueError, match=r"/sms.zip did not send what was expected \(not a zip archive"):
+            datasets.path("sms-spam-collection", progress=False)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_a_damaged_cached_data_set_is_downloaded_again(tmp_path, monkeypatch):
+    import dataclasses
+
+    from tests.http_server import serve
+    from tinygrad_llm import datasets
+
+    verdict = datasets.path("the-verdict").read_bytes()
+    monkeypatch.delenv("TINYGRAD_LLM_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cached = tmp_path / "tinygrad_llm" / "the-verdict.txt"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"<html>a captive portal's login page</html>")
+    with serve({"/the-verdict.txt": verdict}) as server:
+        entry = datasets.get("the-verdict")
+        monkeypatch.setitem(datasets.REGISTRY, entry.name, dataclasses.replace(entry, url=server.url("/the-verdict.txt")))
+        assert datasets.path("the-verdict", progress=False) == cached
+    assert cached.read_bytes() == verdict
+
+
+def test_a_wrong_file_in_the_data_folder_is_refused_naming_it(tmp_path, monkeypatch):
+    from tinygrad_llm import datasets
+
+    (tmp_path / "the-verdict.txt").write_text("not the story")
+    monkeypatch.setenv("TINYGRAD_LLM_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'the-verdict.txt'} is not the data set 'the-verdict'"):
+        datasets.path("the-verdict")
+    assert (tmp_path / "the-verdict.txt").read_text() == "not the story"  # the user's file is left alone

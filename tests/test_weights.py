@@ -296,8 +296,8 @@ def test_a_dropped_connection_resumes(hub_files, tmp_path):
 
 
 @pytest.mark.parametrize("served, message", [
-    (b"<html>Too many requests</html>", "not a valid safetensors file"),
-    ("truncated", "not a valid safetensors file"),
+    (b"<html>Too many requests</html>", "is not a safetensors weights file"),
+    ("truncated", "is not a safetensors weights file"),
     ("other size", r"wte.weight has shape \(50, 12\), .* implies \(50257, 8\)"),
 ])
 def test_a_bad_download_is_refused_and_deleted(hub_files, tmp_path, served, message):

@@ -8,7 +8,9 @@ resumable, verified, atomic download that the GPT-2 weights use too.
 """
 import hashlib
 import http.client
+import json
 import os
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -61,6 +63,13 @@ REGISTRY = {d.name: d for d in [
 
 
 
+# Download time limits: seconds without a byte, and the slowest average rate the overall
+# deadline allows for a file of known size (one of unknown size gets a fixed deadline).
+READ_TIMEOUT = 60
+MIN_RATE = 100_000  # bytes per second
+UNKNOWN_SIZE_DEADLINE = 1800
+
+
 class DownloadError(RuntimeError):
     """A download failed (HTTP error, dropped connection, no network); nothing final was written."""
 
@@ -78,27 +87,47 @@ def cache_dir():
 
 
 def local_path(name):
-    """The data set's file if it is already on this machine (data folder or cache), else None."""
+    """The data set's file if it is already on this machine (data folder or cache), else None.
+
+    A file found is not verified here; `path` verifies it.
+    """
     entry = get(name)
+    return next((p for p in _candidates(entry) if p.is_file()), None)
+
+
+def _candidates(entry):
     candidates = []
     if data_dir := os.environ.get("TINYGRAD_LLM_DATA"):
         # The file may sit in its subfolder (gpt2/encoder.json) or at the top of the folder.
         candidates += [Path(data_dir) / entry.folder / entry.filename, Path(data_dir) / entry.filename]
     candidates.append(cache_dir() / entry.folder / entry.filename)
-    return next((p for p in candidates if p.is_file()), None)
+    return candidates
 
 
 def path(name, progress=True):
-    """A local file holding the data set `name`, downloaded and verified on first use."""
-    if found := local_path(name):
-        return found
+    """A local file holding the data set `name`, downloaded and verified on first use.
+
+    Every file is checked against the registry's sha256 each time it is asked for: one in
+    the TINYGRAD_LLM_DATA folder that does not match is refused naming it (the folder is the
+    user's, so nothing there is deleted); a damaged copy in the cache is downloaded again.
+    """
     entry = get(name)
     dest = cache_dir() / entry.folder / entry.filename
+    for candidate in _candidates(entry)[:-1]:  # the data folder's
+        if candidate.is_file():
+            if (actual := file_sha256(candidate)) != entry.sha256:
+                raise ValueError(f"{candidate} is not the data set {name!r}: its sha256 is {actual}, expected "
+                                 f"{entry.sha256}; replace it with the file from {entry.url}")
+            return candidate
     if entry.zip_member is None:
         return download_file(entry.url, dest, sha256=entry.sha256, progress=progress)
-    archive = download_file(entry.url, dest.with_suffix(".zip"), progress=progress)
-    extract_member(archive, entry.zip_member, dest, sha256=entry.sha256)
-    archive.unlink()
+    if dest.is_file() and file_sha256(dest) == entry.sha256:
+        return dest
+    archive = download_file(entry.url, dest.with_suffix(".zip"), progress=progress, check=check_zip)
+    try:
+        extract_member(archive, entry.zip_member, dest, sha256=entry.sha256)
+    finally:
+        archive.unlink()  # verified or not, the archive has served its purpose
     return dest
 
 
@@ -110,40 +139,90 @@ def file_sha256(file):
     return digest.hexdigest()
 
 
-def _verify_and_move(part, dest, sha256, source):
-    """Rename `part` to `dest` only if its sha256 matches; a bad file is deleted."""
-    if sha256 is not None and (actual := file_sha256(part)) != sha256:
-        part.unlink()
-        raise ValueError(f"sha256 mismatch for {source}: expected {sha256}, got {actual}; "
-                         "the corrupted download was deleted")
-    os.replace(part, dest)  # atomic: a reader never sees a half-written file
+# ---- checks of downloaded files: each raises ValueError saying what the file is not ---------------
+
+def check_sha256(sha256):
+    """A check that the file's sha256 is `sha256`."""
+    def check(file):
+        if (actual := file_sha256(file)) != sha256:
+            raise ValueError(f"sha256 mismatch: expected {sha256}, got {actual}")
+    return check
 
 
-def download_file(url, dest, sha256=None, resume=True, progress=True):
+def check_zip(file):
+    """The file is a zip archive whose members all read back with their CRCs."""
+    try:
+        with zipfile.ZipFile(file) as zf:
+            damaged = zf.testzip()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ValueError(f"not a zip archive ({error})") from None
+    if damaged is not None:
+        raise ValueError(f"a damaged zip archive (member {damaged!r} fails its CRC)")
+
+
+def check_json(file):
+    """The file is JSON holding an object (an HTML error page saved as config.json is not)."""
+    try:
+        value = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"not a JSON file ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"JSON holding a {type(value).__name__}, not an object")
+
+
+def _check(file, check, sha256):
+    if sha256 is not None:
+        check_sha256(sha256)(file)
+    if check is not None:
+        check(file)
+
+
+def download_file(url, dest, sha256=None, resume=True, progress=True, check=None, deadline=None,
+                  read_timeout=READ_TIMEOUT):
     """Download `url` to `dest` and return `dest` as a Path.
 
     The bytes stream into `dest + ".part"` in the same folder. A .part left by a dropped
     connection is resumed with an HTTP Range request (a server that ignores Range sends
     the whole file and the download restarts). `dest` appears, by an atomic rename, only
-    once the sha256 matches, so a mismatch, an HTTP error or a dropped connection never
-    leaves a final file. An existing `dest` with the right sha256 is not fetched again.
+    once it passed its checks: the sha256, if given, and `check(path)`, a function that
+    raises ValueError saying what the file is not (check_json, check_zip, ...). So a
+    mismatch, an HTTP error or a dropped connection never leaves a final file, and a file
+    that fails its checks is deleted with a ValueError naming the URL.
+
+    An existing `dest` is checked the same way: it is returned if it passes, and
+    downloaded again if it does not (a cached HTML page saved as config.json once is not
+    reused forever).
+
+    Time limits: `read_timeout` seconds without a byte (connecting, or mid-file), and an
+    overall `deadline` in seconds (default: 2 minutes plus the time for the file's size at
+    100 kB/s), so a server that trickles a byte every few seconds cannot hold the download
+    forever; a timed-out download keeps its .part to resume. A write that fails (a full
+    disk) deletes the .part, so it does not keep the disk full, and raises OSError.
     """
     dest = Path(dest)
-    if dest.is_file() and (sha256 is None or file_sha256(dest) == sha256):
-        return dest
+    if dest.is_file():
+        try:
+            _check(dest, check, sha256)
+            return dest
+        except ValueError as error:
+            _say(f"{dest} is damaged ({error}); downloading it again", progress)
+            dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     offset = part.stat().st_size if resume and part.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    started = time.monotonic()
     try:
-        response = urllib.request.urlopen(request, timeout=60)
+        response = urllib.request.urlopen(request, timeout=read_timeout)
     except urllib.error.HTTPError as error:
         if error.code == 416 and offset:  # the .part is no prefix of the file: start again
             part.unlink()
-            return download_file(url, dest, sha256, resume=False, progress=progress)
+            return download_file(url, dest, sha256, False, progress, check, deadline, read_timeout)
         raise DownloadError(f"download of {url} failed: HTTP {error.code} {error.reason}") from None
     except urllib.error.URLError as error:
         raise DownloadError(f"download of {url} failed: {error.reason}") from None
+    except (TimeoutError, OSError, http.client.HTTPException) as error:  # a server that never answers
+        raise DownloadError(f"download of {url} failed: {_timeout_text(error, read_timeout)}") from None
     with response:
         if response.status != 206:
             offset = 0  # the server ignored the Range request: it sends the file from byte 0
@@ -151,32 +230,72 @@ def download_file(url, dest, sha256=None, resume=True, progress=True):
             raise DownloadError(f"download of {url} failed: asked for bytes {offset}-, got {content_range!r}")
         length = response.headers.get("Content-Length")
         expected = offset + int(length) if length is not None else None
-        dropped = False
+        if deadline is None:
+            deadline = 120 + (expected or 0) / MIN_RATE if expected is not None else UNKNOWN_SIZE_DEADLINE
+        failure = None
         with open(part, "ab" if offset else "wb") as f, tqdm(
                 total=expected, initial=offset, unit="B", unit_scale=True,
                 desc=dest.name, disable=not progress) as bar:
-            try:
-                while chunk := response.read(1 << 16):
+            while True:
+                if time.monotonic() - started > deadline:
+                    failure = f"it took longer than its deadline of {deadline:.0f} s"
+                    break
+                try:
+                    chunk = response.read1(1 << 16)  # what has arrived: read() would wait for all 64 KiB
+                except (OSError, http.client.HTTPException) as error:
+                    failure = f"cut off ({_timeout_text(error, read_timeout)})"
+                    break
+                if not chunk:
+                    break
+                try:
                     f.write(chunk)
-                    bar.update(len(chunk))
-            except (OSError, http.client.HTTPException):
-                dropped = True
+                except OSError as error:
+                    f.close()
+                    part.unlink()
+                    raise OSError(error.errno, f"cannot write {part} ({error.strerror}); the partial "
+                                               f"download was deleted so it does not fill the disk") from None
+                bar.update(len(chunk))
     # http.client returns a short body without complaint when the peer closes early.
     received = part.stat().st_size
-    if dropped or (expected is not None and received != expected):
-        raise DownloadError(f"download of {url} was cut off after {received} of {expected or '?'} bytes; "
-                           f"{part} is kept, run again to resume")
-    _verify_and_move(part, dest, sha256, url)
+    if failure is None and expected is not None and received != expected:
+        failure = "cut off"
+    if failure is not None:
+        raise DownloadError(f"download of {url} {failure} after {received} of {expected or '?'} bytes; "
+                            f"{part} is kept, run again to resume")
+    try:
+        _check(part, check, sha256)
+    except ValueError as error:
+        part.unlink()
+        raise ValueError(f"{url} did not send what was expected ({error}); the download was deleted") from None
+    os.replace(part, dest)  # atomic: a reader never sees a half-written file
     return dest
+
+
+def _timeout_text(error, read_timeout):
+    if isinstance(error, TimeoutError) or "timed out" in str(error):
+        return f"no answer for {read_timeout} s"
+    return str(error) or type(error).__name__
+
+
+def _say(message, progress):
+    if progress:
+        tqdm.write(message)
 
 
 def extract_member(archive, member, dest, sha256=None):
     """Copy one member of a zip archive to `dest`, through a verified temporary file."""
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
-    with zipfile.ZipFile(archive) as zf:
-        if member not in zf.namelist():
-            raise ValueError(f"{archive} has no member {member!r}: it holds {zf.namelist()}")
-        part.write_bytes(zf.read(member))
-    _verify_and_move(part, dest, sha256, f"{member} in {archive}")
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            if member not in zf.namelist():
+                raise ValueError(f"{archive} has no member {member!r}: it holds {zf.namelist()}")
+            part.write_bytes(zf.read(member))
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"{archive} is not a valid zip archive ({error})") from None
+    if sha256 is not None and (actual := file_sha256(part)) != sha256:
+        part.unlink()
+        raise ValueError(f"sha256 mismatch for {member} in {archive}: expected {sha256}, got {actual}; "
+                         "the corrupted file was deleted")
+    os.replace(part, dest)
     return dest

@@ -482,32 +482,31 @@ def download_gpt2(size, models_dir=None, base_url=None, progress=True):
     if data_dir := os.environ.get("TINYGRAD_LLM_DATA"):
         shipped = Path(data_dir) / "gpt2" / size
         if all((shipped / name).is_file() for name in (CONFIG_FILE, SAFETENSORS_FILE)):
+            _check_gpt2_config(shipped / CONFIG_FILE)  # the user's files: refused if wrong, never deleted
+            _check_gpt2_weights(shipped / CONFIG_FILE, shipped / SAFETENSORS_FILE)
             return shipped
     folder = Path(models_dir) / size if models_dir is not None else datasets.cache_dir() / "gpt2" / size
     base_url = (base_url or os.environ.get(ENDPOINT_VARIABLE) or DEFAULT_ENDPOINT).rstrip("/")
     url = f"{base_url}/{GPT2_REPOS[size]}/resolve/main"
-    config_path = datasets.download_file(f"{url}/{CONFIG_FILE}", folder / CONFIG_FILE, progress=progress)
-    weights_path = folder / SAFETENSORS_FILE
-    if not weights_path.is_file():
-        datasets.download_file(f"{url}/{SAFETENSORS_FILE}", weights_path, progress=progress)
-        try:
-            _check_gpt2_files(config_path, weights_path)
-        except ValueError as error:
-            weights_path.unlink()
-            raise ValueError(f"{error}; the download from {url}/{SAFETENSORS_FILE} was deleted") from None
+    # Each file is checked when downloaded and each time it is found in the cache: a damaged copy
+    # (an HTML error page saved as config.json, a truncated safetensors file) is fetched again.
+    config_path = datasets.download_file(f"{url}/{CONFIG_FILE}", folder / CONFIG_FILE, progress=progress,
+                                         check=_check_gpt2_config)
+    datasets.download_file(f"{url}/{SAFETENSORS_FILE}", folder / SAFETENSORS_FILE, progress=progress,
+                           check=lambda path: _check_gpt2_weights(config_path, path))
     return folder
 
 
-def _check_gpt2_files(config_path, weights_path):
-    from safetensors import safe_open
+def _check_gpt2_config(path):
+    book_config(_read_config(path), path)
 
+
+def _check_gpt2_weights(config_path, weights_path):
+    """The weights file is safetensors, and its token embedding has the shape config.json implies."""
     hf_config = _read_config(config_path)
-    try:
-        with safe_open(weights_path, framework="np") as weights:
-            names = {name.removeprefix("transformer."): name for name in weights.keys()}
-            shape = tuple(weights.get_slice(names["wte.weight"]).get_shape()) if "wte.weight" in names else None
-    except Exception as error:  # safetensors raises its own error type for a malformed file
-        raise ValueError(f"{weights_path} is not a valid safetensors file ({error})") from None
+    weights = SafetensorsFile(weights_path, "weights file")
+    names = {name.removeprefix("transformer."): name for name in weights.names()}
+    shape = weights.shape(names["wte.weight"]) if "wte.weight" in names else None
     expected = (hf_config["vocab_size"], hf_config["n_embd"])
     if shape != expected:
         raise ValueError(f"{weights_path}: the token embedding wte.weight has shape {shape}, "
