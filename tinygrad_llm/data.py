@@ -21,8 +21,6 @@ class GPTDatasetV1:
     def __init__(self, txt, tokenizer, max_length, stride):
         max_length = validation.integer("max_length", max_length, minimum=1)
         stride = validation.integer("stride", stride, minimum=1)
-        if not isinstance(txt, str):
-            raise ValueError(f"GPTDatasetV1 expects the text as a str, got {type(txt).__name__}")
         self.token_ids = np.asarray(tokenizer.encode(txt, allowed_special={"<|endoftext|>"}), dtype=np.int64)
         n_tokens = len(self.token_ids)
         if n_tokens < max_length + 1:  # a window and its target shifted by one
