@@ -686,7 +686,7 @@ def test_the_model_refuses_an_empty_batch(small_model, batch):
     (dict(stride=2.5), "stride must be an integer, got 2.5"),
     (dict(max_length=4.0), "max_length must be an integer, got 4.0"),
     (dict(max_length=0), "max_length must be an integer >= 1, got 0"),
-    (dict(batch_size=1.5), "batch_size must be an integer"),
+    (dict(batch_size=1.5), "batch_size must be a whole number"),
 ])
 def test_the_book_loader_refuses_float_or_zero_sizes(kwargs, message):
     from tinygrad_llm.data import create_dataloader_v1
