@@ -41,16 +41,20 @@ CONFIGS = {
     "tiny": {"vocab_size": 50257, "context_length": 128, "emb_dim": 128, "n_heads": 4, "n_layers": 2,
              "drop_rate": 0.1, "qkv_bias": False},
 }
-# row: (library, device, precision, environment)
+# row: (library, device, precision, environment); torch's rows first, so that each of ours
+# prints with its ratio as soon as it is measured.
 ROWS = {
+    # OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads sleep between ops instead of spinning;
+    # on a machine shared with other work spinning threads wait for cores (18x slower
+    # generation measured here at load 15).
+    "torch-cpu": ("torch eager", "cpu", "fp32", {"OMP_WAIT_POLICY": "PASSIVE"}),
     "numpy-cpu": ("tinygrad_llm (NumPy)", "cpu", "fp32", {}),
-    "torch-cpu": ("torch eager", "cpu", "fp32", {}),
+    "torch-gpu": ("torch eager", "cuda", "fp32", {}),
     "cupy-gpu": ("tinygrad_llm (CuPy, fused kernels)", "cuda", "fp32", {"TINYGRAD_LLM_CUDA_KERNELS": "1"}),
     "cupy-gpu-arrays": ("tinygrad_llm (CuPy, array ops)", "cuda", "fp32", {"TINYGRAD_LLM_CUDA_KERNELS": "0"}),
-    "torch-gpu": ("torch eager", "cuda", "fp32", {}),
+    "torch-gpu-tf32": ("torch eager", "cuda", "tf32", {}),
     "cupy-gpu-tf32": ("tinygrad_llm (CuPy, fused kernels)", "cuda", "tf32",
                       {"TINYGRAD_LLM_CUDA_KERNELS": "1", "TINYGRAD_LLM_TF32": "1"}),
-    "torch-gpu-tf32": ("torch eager", "cuda", "tf32", {}),
 }
 DENSE_PEAK_TFLOPS = {"H200": {"fp32": 67.0, "tf32": 495.0}, "H100": {"fp32": 67.0, "tf32": 495.0}}
 LR, WEIGHT_DECAY, MAX_NORM = 4e-4, 0.1, 1.0
@@ -250,11 +254,7 @@ def main():
                 print(f"| {config} | {library} | {device} | {precision} | failed: "
                       f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode} |")
                 continue
-            results[row] = json.loads(done.stdout.strip().splitlines()[-1])
-        for row, result in results.items():  # ratios once torch's rows are in
-            library, device, precision, _ = ROWS[row]
-            batch_size, context = (args.gpu_batch, args.gpu_context) if device == "cuda" else \
-                (args.cpu_batch, args.cpu_context)
+            result = results[row] = json.loads(done.stdout.strip().splitlines()[-1])
             torch_row = {"cpu": "torch-cpu", "cuda": "torch-gpu"}[device] + ("-tf32" if precision == "tf32" else "")
             baseline = results.get(torch_row)
             flops = model_flops_per_token({**CONFIGS[config], "context_length": context})

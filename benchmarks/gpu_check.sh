@@ -14,14 +14,21 @@
 # (default .cupy-cache/ here): carry that folder to the next run to skip the compiling.
 # The data files the registry needs come from TINYGRAD_LLM_DATA (default ../shared/data).
 #
+# The two phases are capped so that the whole run ends within 8 minutes (TESTS_LIMIT, then
+# what is left of TOTAL_LIMIT for the benchmark, in seconds); the benchmark prints each row
+# as it is measured, so a cut-off run still shows the rows it finished.
+#
 #     bash benchmarks/gpu_check.sh              # from anywhere; runs in the repository root
 #     bash benchmarks/gpu_check.sh --quick      # the suite, then a tiny-config benchmark
+#     bash benchmarks/gpu_check.sh --steps 3    # any other options go to devices.py
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/.gpu-site${PYTHONPATH:+:$PYTHONPATH}"
 export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-$PWD/.cupy-cache}"
 export TINYGRAD_LLM_DATA="${TINYGRAD_LLM_DATA:-$(cd .. && pwd)/shared/data}"
 PYTHON="${PYTHON:-python3}"
+TESTS_LIMIT="${TESTS_LIMIT:-300}"
+TOTAL_LIMIT="${TOTAL_LIMIT:-470}"
 started=$SECONDS
 
 echo "== machine"
@@ -52,12 +59,14 @@ fi
 
 echo "== the test suite, device 'cuda' = CuPy on the GPU"
 # TINYGRAD_LLM_TEST_CUDA=cupy: an error instead of the CPU stand-in when CuPy finds no GPU.
-TINYGRAD_LLM_TEST_CUDA=cupy CI=true "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/
+TINYGRAD_LLM_TEST_CUDA=cupy CI=true timeout "$TESTS_LIMIT" "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/
 tests_status=$?
 echo "== tests: exit status $tests_status after $((SECONDS - started)) s"
 
 echo "== benchmarks/devices.py"
-"$PYTHON" benchmarks/devices.py "$@"
+left=$((TOTAL_LIMIT - (SECONDS - started)))
+[ "$left" -ge 30 ] || left=30  # (timeout 0 would mean no limit at all)
+timeout "$left" "$PYTHON" benchmarks/devices.py "$@"
 bench_status=$?
 echo "== done in $((SECONDS - started)) s (tests: $tests_status, benchmark: $bench_status)"
 exit $(( tests_status != 0 || bench_status != 0 ))
