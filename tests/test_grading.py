@@ -204,3 +204,15 @@ def test_grading_without_the_references_says_what_is_missing(tmp_path, capsys, m
     assert main(["grade", str(tmp_path / "s.py")]) == 2
     err = capsys.readouterr().err
     assert "the grading process did not start" in err and "No module named" in err
+
+
+def test_answers_as_python_lists_are_graded_as_arrays():
+    from tests.grading_solutions import library
+
+    result = check(EXERCISES["merge_heads"], lambda x: library.merge_heads(x).tolist(), max_examples=10)
+    assert result.status == "pass", result.message
+    result = check(EXERCISES["clip_grad_norm"], lambda grads, max_norm: tuple(library.clip_grad_norm(grads, max_norm)),
+                   max_examples=10)
+    assert result.status == "pass", result.message
+    result = check(EXERCISES["clip_grad_norm"], lambda grads, max_norm: (grads + grads[:1], 0.0), max_examples=10)
+    assert result.status == "fail" and "grads must be a list of" in result.message

@@ -81,15 +81,24 @@ class ShapeError(Exception):
     """The answer's structure (number of outputs, array shapes) is not the reference's."""
 
 
-def flatten(value, label):
-    """[(label, array)] for an output that is an array, a number, or a list/tuple of them."""
-    if isinstance(value, (list, tuple)) and value and not _is_scalar_list(value):
-        return [item for i, v in enumerate(value) for item in flatten(v, f"{label}[{i}]")]
-    return [(label, value)]
+def _is_array_list(value):
+    """A list of arrays (clip_grad_norm's grads), as opposed to one array written as a list."""
+    return isinstance(value, list) and bool(value) and not all(
+        isinstance(v, (int, float, np.integer, np.floating)) for v in value)
 
 
-def _is_scalar_list(value):
-    return all(isinstance(v, (int, float, np.integer, np.floating)) for v in value)
+def parts(exercise, expected, received):
+    """[(label, expected, received)] per output, and per item of an output that is a list of arrays."""
+    out = []
+    for name, e, r in zip(exercise.outputs, as_outputs(exercise, expected), as_outputs(exercise, received)):
+        if _is_array_list(e):
+            if not isinstance(r, (list, tuple)) or len(r) != len(e):
+                raise ShapeError(f"{name} must be a list of {len(e)} arrays, got {type(r).__name__} "
+                                 f"of length {len(r) if hasattr(r, '__len__') else 1}")
+            out += [(f"{name}[{i}]", e_i, r_i) for i, (e_i, r_i) in enumerate(zip(e, r))]
+        else:
+            out.append((name, e, r))
+    return out
 
 
 def as_outputs(exercise, value):
@@ -126,15 +135,8 @@ def _as_array(value):
 def compare(exercise, expected, received):
     """Compare the whole answer with the reference's; the worst element decides."""
     tol = exercise.tolerance
-    expected_parts = [p for name, out in zip(exercise.outputs, as_outputs(exercise, expected))
-                      for p in flatten(out, name)]
-    received_outputs = as_outputs(exercise, received)
-    received_parts = [p for name, out in zip(exercise.outputs, received_outputs) for p in flatten(out, name)]
-    if [label for label, _ in expected_parts] != [label for label, _ in received_parts]:
-        raise ShapeError(f"expected the outputs {[label for label, _ in expected_parts]}, "
-                         f"got {[label for label, _ in received_parts]}")
     worst = Comparison(True, 0.0, 0.0, "", "")
-    for (label, e), (_, r) in zip(expected_parts, received_parts):
+    for label, e, r in parts(exercise, expected, received):
         e, r = _as_array(e), _as_array(r)
         if e.shape != r.shape:
             shown = (f":\n    expected {e.tolist()}\n    received {r.tolist()}" if max(e.size, r.size) <= 64 else "")
@@ -219,14 +221,11 @@ def diagnose(exercise, failures):
     if hints:
         return hints
     try:
-        pairs = list(zip(exercise.outputs, as_outputs(exercise, expected), as_outputs(exercise, received)))
+        compared = parts(exercise, expected, received)
     except ShapeError:
         return hints
-    for name, e, r in pairs:
-        received_parts = dict(flatten(r, name))
-        for label, e_part in flatten(e, name):
-            if label in received_parts:
-                hints += _generic_hints(label, np.asarray(e_part, dtype=np.float64), received_parts[label], inputs)
+    for label, e, r in compared:
+        hints += _generic_hints(label, np.asarray(e, dtype=np.float64), r, inputs)
     return hints
 
 
@@ -243,7 +242,7 @@ def _explains(exercise, mistake, inputs, expected, received):
                 index = exercise.outputs.index(mistake.output)
                 received = as_outputs(exercise, received)[index]
                 expected = as_outputs(exercise, expected)[index]
-                same = functools.partial(_same, label=mistake.output)
+                same = _same
             else:
                 same = functools.partial(_same_answer, exercise)
             if not same(wrong, received):
@@ -254,15 +253,16 @@ def _explains(exercise, mistake, inputs, expected, received):
         return None
 
 
-def _same(a, b, label):
-    parts_a, parts_b = flatten(a, label), flatten(b, label)
-    return len(parts_a) == len(parts_b) and all(_close(x, y) for (_, x), (_, y) in zip(parts_a, parts_b))
+def _same(a, b):
+    if _is_array_list(a) or _is_array_list(b):
+        return (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b)
+                and all(_close(x, y) for x, y in zip(a, b)))
+    return _close(a, b)
 
 
 def _same_answer(exercise, a, b):
     try:
-        return all(_same(x, y, name) for name, x, y in zip(exercise.outputs, as_outputs(exercise, a),
-                                                            as_outputs(exercise, b)))
+        return all(_same(x, y) for x, y in zip(as_outputs(exercise, a), as_outputs(exercise, b)))
     except ShapeError:
         return False
 
