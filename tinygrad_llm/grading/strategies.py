@@ -21,10 +21,6 @@ def values(shape, bound=3.0):
     return hnp.arrays(np.float64, shape, elements=st.floats(-bound, bound, allow_subnormal=False))
 
 
-def positive(shape, low=0.1, high=3.0):
-    return hnp.arrays(np.float64, shape, elements=st.floats(low, high))
-
-
 @st.composite
 def large(draw, shape, bound=3.0):
     """Values of order 1 scaled by 1, 30 or 1000, plus an offset of the same order per call."""
