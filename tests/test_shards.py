@@ -225,3 +225,21 @@ def test_prepare_refuses_bad_input_in_one_line(tmp_path, args, message):
     result = cli("prepare", *args, "--out", "out", cwd=tmp_path)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_training_from_shards_resumes_mid_epoch_bit_for_bit(prepared, tmp_path):
+    def run(checkpoint, **options):
+        tl.manual_seed(5)
+        model = tl.GPTModel({**TINY, "drop_rate": 0.1})
+        optimizer = tl.optim.AdamW(model.parameters(), lr=1e-3)
+        loader = DataLoader(ShardDataset(prepared, 16, 16), 4, shuffle=True, drop_last=True, seed=9)
+        train(model, optimizer, loader, lambda m, b: calc_loss_batch(*b, m, None), 2, checkpoint_path=checkpoint,
+              progress=False, **options)
+        return model.state_dict()
+
+    assert len(DataLoader(ShardDataset(prepared, 16, 16), 4, drop_last=True)) > 4  # step 4 is mid-epoch
+    whole = run(tmp_path / "whole.safetensors")
+    run(tmp_path / "halves.safetensors", stop_at_step=4)
+    resumed = run(tmp_path / "halves.safetensors", resume=True)
+    for name, weight in whole.items():
+        np.testing.assert_array_equal(resumed[name], weight)

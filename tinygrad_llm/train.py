@@ -74,7 +74,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import backend
+from . import backend, distributed
 from . import functional as F
 from .checkpoint import check_train_state, load_checkpoint, read_checkpoint, save_checkpoint
 from .generate import generate, text_to_token_ids, token_ids_to_text
@@ -206,8 +206,15 @@ def train(model, optimizer, train_loader, loss_fn, num_epochs, *, evaluate=None,
         state = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "seconds": 0.0, "generators": None,
                  "epoch_generators": None, "peak_lrs": [group["lr"] for group in optimizer.param_groups],
                  "history": []}
+    world = distributed.current()  # rank 0 of 1 unless mpiexec started several (distributed.py)
+    if resume and world.size > 1:
+        saved = state.get("rank_generators") or [None]
+        if len(saved) != world.size:
+            raise ValueError(f"{checkpoint_path} was saved by {len(saved)} rank(s), not {world.size}: resume it "
+                             f"with as many")
+        backend.set_rng_state(saved[world.rank])  # this rank's own dropout generator
     history = state["history"]
-    log = _MetricsLog(metrics_path, history)
+    log = _MetricsLog(metrics_path if world.rank == 0 else None, history)
     session_start, seconds_before, seen_before = time.perf_counter(), state["seconds"], state["seen"]
 
     def seconds():
@@ -219,16 +226,19 @@ def train(model, optimizer, train_loader, loss_fn, num_epochs, *, evaluate=None,
         history.append(entry)
         log.write(entry)
         line = (report or _describe)(entry)
-        if line:
+        if line and world.rank == 0:
             tqdm.write(line)
 
     def save():
         if checkpoint_path is not None:
             state["seconds"] = seconds()
-            save_training_state(checkpoint_path, model, optimizer, train_loader, state, checkpoint_metadata)
+            if world.size > 1:
+                state["rank_generators"] = world.gather(backend.get_rng_state())
+            if world.rank == 0:
+                save_training_state(checkpoint_path, model, optimizer, train_loader, state, checkpoint_metadata)
 
     with StopOnSignals() as stop, \
-            tqdm(total=total_steps, initial=state["step"], disable=not progress, unit="step") as bar:
+            tqdm(total=total_steps, initial=state["step"], disable=not progress or world.rank > 0, unit="step") as bar:
         while state["epoch"] < num_epochs:
             model.train()
             batches = _epoch_batches(train_loader, state)
@@ -252,7 +262,8 @@ def train(model, optimizer, train_loader, loss_fn, num_epochs, *, evaluate=None,
                             "rate, warmup or gradient clipping")
                     (loss if micro_batches == 1 else loss * (1.0 / micro_batches)).backward()
                     state["batch"] += 1
-                    state["seen"] += count_seen(batch)
+                    state["seen"] += count_seen(batch) * world.size  # every rank trains on as many rows
+                world.allreduce_gradients(model.parameters())  # the global batch's gradient on every rank
                 if grad_clip is not None:
                     clip_gradients(model.parameters(), grad_clip, global_step, warmup_steps, clip_during_warmup)
                 optimizer.step()
@@ -263,9 +274,10 @@ def train(model, optimizer, train_loader, loss_fn, num_epochs, *, evaluate=None,
                 bar.set_postfix({"loss": f"{sum(losses) / micro_batches:.3f}", f"{seen_key.split('_')[0]}/s": f"{rate:.0f}"})
                 if evaluate is not None and global_step % eval_freq == 0:
                     with _evaluating(model):
-                        record("eval", global_step, evaluate())
+                        record("eval", global_step, world.average(evaluate()))
                 mid_epoch = state["batch"] < batches_per_epoch
-                if mid_epoch and (stop.requested or state["step"] == stop_at_step):
+                requested = world.agree(stop.requested)  # every rank stops after the same step
+                if mid_epoch and (requested or state["step"] == stop_at_step):
                     stopped_mid_epoch = True
                     break
                 if mid_epoch and save_every is not None and state["step"] % save_every == 0:
@@ -279,9 +291,10 @@ def train(model, optimizer, train_loader, loss_fn, num_epochs, *, evaluate=None,
                         record("epoch", state["step"] - 1, metrics)
                 state["epoch"], state["batch"], state["epoch_generators"] = state["epoch"] + 1, 0, None
             save()
-            if stop.requested:
-                raise TrainingInterrupted(f"training interrupted by {signal.Signals(stop.requested).name} "
-                                          f"after step {state['step'] - 1}", stop.requested)
+            requested = world.agree(stop.requested)
+            if requested:
+                raise TrainingInterrupted(f"training interrupted by {signal.Signals(requested).name} "
+                                          f"after step {state['step'] - 1}", requested)
             if state["step"] == stop_at_step:
                 break
     return history

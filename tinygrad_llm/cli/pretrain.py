@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 
-from .. import backend
+from .. import backend, distributed
 from ..checkpoint import read_checkpoint
 from ..model import GPTModel, check_config, parameter_counts
 from ..optim import AdamW
@@ -75,14 +75,14 @@ def add_pretrain(subparsers):
     p.set_defaults(run=run_pretrain)
 
 
-def pretrain_settings(args, checkpoint):
+def pretrain_settings(args, checkpoint, ranks=1):
     """The run's settings: the defaults overridden by the flags given, or with --resume the saved ones."""
     given = {key: getattr(args, key) for key in PRETRAIN_DEFAULTS if getattr(args, key) is not None}
     if not args.resume:
         if os.path.exists(checkpoint) and not args.overwrite:
             raise SystemExit(f"{checkpoint} holds a run already: continue it with --resume, or replace it "
                              "with --overwrite (or choose another --out)")
-        settings = {**PRETRAIN_DEFAULTS, **given}
+        settings = {**PRETRAIN_DEFAULTS, **given, "ranks": ranks}
         settings["config"] = model_config(settings["config"])
         if settings["context_length"] is not None:
             settings["config"]["context_length"] = settings["context_length"]
@@ -106,6 +106,15 @@ def pretrain_settings(args, checkpoint):
     if conflicts:
         raise SystemExit(f"--resume continues the saved run unchanged, but these flags differ from it: "
                          f"{', '.join(conflicts)}")
+    saved_ranks = settings.get("ranks", 1)
+    if isinstance(saved_ranks, bool) or not isinstance(saved_ranks, int) or saved_ranks < 1:
+        raise SystemExit(f"--resume: {checkpoint} holds the setting ranks = {saved_ranks!r}: expected a whole number >= 1")
+    if saved_ranks != ranks:
+        # Each rank's dropout generator is in the checkpoint, and the epoch's batches are split
+        # N ways: another rank count would continue a different run.
+        raise SystemExit(f"--resume: {checkpoint} was written by a run on {saved_ranks} rank(s) (global batch "
+                         f"{saved_ranks * settings['batch_size']}); resume it with mpiexec -n {saved_ranks}, "
+                         f"not {ranks}")
     return settings
 
 
@@ -142,30 +151,43 @@ def _checked_saved_settings(settings, checkpoint):
     return settings
 
 
-def pretrain_loaders(s):
+def pretrain_loaders(s, world):
     """(train, val) loaders. A shard folder (tinygrad-llm prepare) is split by tokens and read
     memory-mapped, its batches drawn from a generator seeded with --seed; a text is split by
-    characters and tokenized, as the book does."""
+    characters and tokenized, as the book does.
+
+    On N ranks both draw global batches of N x --batch-size rows, from a generator seeded
+    with --seed on every rank; each rank trains on its rows of each (distributed.RankBatches)
+    and evaluates the validation batches whole.
+    """
     from ..data import DataLoader, create_dataloader_v1
     from ..shards import ShardDataset, is_shard_folder, read_index
 
+    batch_size = s["batch_size"] * world.size
     if is_shard_folder(s["data"]):
-        split = int(s["train_ratio"] * read_index(s["data"])["tokens"])
-        windows = dict(max_length=s["context_length"], stride=s["context_length"], verify=False)  # checked above
-        return (DataLoader(ShardDataset(s["data"], stop=split, **windows), s["batch_size"], shuffle=True,
-                           drop_last=True, seed=s["seed"]),
-                DataLoader(ShardDataset(s["data"], start=split, **windows), s["batch_size"], shuffle=False,
-                           drop_last=False))
-    text = read_text(s["data"])
-    split = int(s["train_ratio"] * len(text))
-    loader = dict(batch_size=s["batch_size"], max_length=s["context_length"], stride=s["context_length"])
-    return (create_dataloader_v1(text[:split], shuffle=True, drop_last=True, **loader),
-            create_dataloader_v1(text[split:], shuffle=False, drop_last=False, **loader))
+        # The shards' sha256s were checked by _data_fingerprint in run_pretrain.
+        split = int(s["train_ratio"] * read_index(s["data"], verify=False)["tokens"])
+        windows = dict(max_length=s["context_length"], stride=s["context_length"], verify=False)
+        train_loader = DataLoader(ShardDataset(s["data"], stop=split, **windows), batch_size, shuffle=True,
+                                  drop_last=True, seed=s["seed"])
+        val_loader = DataLoader(ShardDataset(s["data"], start=split, **windows), batch_size, shuffle=False,
+                                drop_last=False)
+    else:
+        text = read_text(s["data"])
+        split = int(s["train_ratio"] * len(text))
+        loader = dict(batch_size=batch_size, max_length=s["context_length"], stride=s["context_length"])
+        train_loader = create_dataloader_v1(text[:split], shuffle=True, drop_last=True,
+                                            seed=s["seed"] if world.size > 1 else None, **loader)
+        val_loader = create_dataloader_v1(text[split:], shuffle=False, drop_last=False, **loader)
+    return (train_loader if world.size == 1 else distributed.RankBatches(train_loader, world)), val_loader
 
 
 def run_pretrain(args):
     checkpoint = os.path.join(args.out, CHECKPOINT_NAME)
-    s = pretrain_settings(args, checkpoint)
+    world = distributed.current()
+    if world.rank > 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints (and writes the checkpoint and the log)
+    s = pretrain_settings(args, checkpoint, world.size)
     data_sha256 = _data_fingerprint(s["data"])
     if args.resume and s.get("data_sha256", data_sha256) != data_sha256 and not args.data_changed:
         raise SystemExit(f"--resume: the data of --data {s['data']} differs from the data this run began on "
@@ -173,28 +195,34 @@ def run_pretrain(args):
                          "data continues from a batch position that no longer means anything. Continue anyway "
                          "with --data-changed")
     s["data_sha256"] = data_sha256
-    train_loader, val_loader = pretrain_loaders(s)
+    train_loader, val_loader = pretrain_loaders(s, world)
     backend.manual_seed(s["seed"])
     model = GPTModel(s["config"]).to(device=args.device)
+    if world.size > 1:
+        backend.manual_seed(distributed.rank_seed(s["seed"], world.rank))  # same weights, own dropout masks
     tokenizer = get_tokenizer()
     optimizer = AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
     counts = parameter_counts(s["config"])
     print(f"{'Resuming' if args.resume else 'Training'} a {counts['total']:,}-parameter GPT on {s['data']} "
-          f"({len(train_loader)} batches of {s['batch_size']}x{s['context_length']} tokens per epoch, "
-          f"{s['epochs']} epochs) -> {checkpoint}")
+          f"({len(train_loader)} batches of {s['batch_size']}x{s['context_length']} tokens per epoch"
+          f"{f' on each of {world.size} ranks' if world.size > 1 else ''}, {s['epochs']} epochs) -> {checkpoint}")
+    if world.size > 1:  # mpiexec names a rank that dies by its process id
+        print("Process ids by rank: " + ", ".join(f"{rank}: {pid}" for rank, pid in enumerate(world.gather(os.getpid()))))
 
     started = time.perf_counter()
     try:
-        train_losses, val_losses, tokens_seen = train_model_simple(
-            model, train_loader, val_loader, optimizer, args.device, s["epochs"], s["eval_freq"], s["eval_iter"],
-            START_CONTEXT, tokenizer, warmup_steps=s["warmup"], cosine_decay=s["cosine"], min_lr=s["min_lr"],
-            grad_clip=s["grad_clip"], clip_during_warmup=True, checkpoint_path=checkpoint, resume=args.resume,
-            checkpoint_metadata={"run": s, "tokenizer": "gpt2"}, save_every=args.save_every,
-            metrics_path=os.path.join(args.out, METRICS_NAME), progress=not args.no_progress)
+        with world.ending_together():
+            train_losses, val_losses, tokens_seen = train_model_simple(
+                model, train_loader, val_loader, optimizer, args.device, s["epochs"], s["eval_freq"], s["eval_iter"],
+                START_CONTEXT, tokenizer, warmup_steps=s["warmup"], cosine_decay=s["cosine"], min_lr=s["min_lr"],
+                grad_clip=s["grad_clip"], clip_during_warmup=True, checkpoint_path=checkpoint, resume=args.resume,
+                checkpoint_metadata={"run": s, "tokenizer": "gpt2"}, save_every=args.save_every,
+                metrics_path=os.path.join(args.out, METRICS_NAME), progress=not args.no_progress and world.rank == 0)
     except KeyboardInterrupt as error:
-        print(f"\nInterrupted: the checkpoint {checkpoint} holds the last finished step; continue with\n"
-              f"  tinygrad-llm pretrain --out {shlex.quote(args.out)} --resume"
-              + (f" --data {shlex.quote(s['data'])}" if _is_path(s["data"]) else ""), file=sys.stderr)
+        if world.rank == 0:
+            print(f"\nInterrupted: the checkpoint {checkpoint} holds the last finished step; continue with\n"
+                  f"  tinygrad-llm pretrain --out {shlex.quote(args.out)} --resume"
+                  + (f" --data {shlex.quote(s['data'])}" if _is_path(s["data"]) else ""), file=sys.stderr)
         return 128 + getattr(error, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
     except TrainingDivergedError as error:
         print(error, file=sys.stderr)

@@ -1,0 +1,86 @@
+"""Data-parallel scaling over MPI: training tokens/s on 1 and 2 ranks, and the all-reduce's time per step.
+
+Each rank trains on --batch rows of --context tokens per step (the global batch grows with
+the ranks), through the one training loop, on random token ids; the first step is left out
+of the timing. "all-reduce" is the time inside MPI Allreduce per step (the flat gradient
+buffer, 4 bytes per parameter); the copies into and out of the buffer are not in it.
+
+    python benchmarks/distributed.py [--configs tiny 124M] [--ranks 1 2] [--steps 4]
+
+The ranks share this machine's cores: on 2 cores, 2 ranks split the cores the 1-rank run
+used alone, so the figure shows what the all-reduce costs, not a speed-up.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker(args):
+    import tinygrad_llm as tl
+    from tinygrad_llm import distributed
+    from tinygrad_llm.cli.common import model_config
+    from tinygrad_llm.train import calc_loss_batch, train
+
+    world = distributed.current()
+    config = {**model_config(args.config), "context_length": args.context, "drop_rate": 0.0}
+    tl.manual_seed(0)
+    model = tl.GPTModel(config)
+    rng = np.random.default_rng(world.rank)
+    batches = [(ids[:, :-1], ids[:, 1:]) for ids in
+               (rng.integers(0, config["vocab_size"], (args.batch, args.context + 1)) for _ in range(args.steps + 1))]
+    step_ends = []
+
+    def loss_fn(model, batch):
+        step_ends.append(time.perf_counter())
+        return calc_loss_batch(*batch, model, None)
+
+    train(model, tl.optim.AdamW(model.parameters(), lr=1e-4), batches, loss_fn, 1, progress=False)
+    seconds = time.perf_counter() - step_ends[1]  # from the start of step 2 to the end
+    # The all-reduce of step 1 is left out too: its share is the average one.
+    communication = world.communication_seconds * args.steps / (args.steps + 1)
+    if world.rank == 0:
+        print(json.dumps({"tokens_per_s": world.size * args.batch * args.context * args.steps / seconds,
+                          "step_s": seconds / args.steps, "allreduce_s": communication / args.steps,
+                          "parameters": sum(p.data.size for p in model.parameters())}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["tiny", "124M"])
+    parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    mpiexec = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if mpiexec is None:
+        raise SystemExit("no mpiexec: pip install 'tinygrad_llm[distributed]'")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    print(f"batch {args.batch} x {args.context} tokens per rank, {args.steps} timed steps, {os.cpu_count()} cores")
+    print(f"{'config':<8}{'ranks':>6}{'tokens/s':>11}{'s/step':>9}{'all-reduce s/step':>19}")
+    for config in args.configs:
+        for ranks in args.ranks:
+            command = [mpiexec, "-n", str(ranks), sys.executable, __file__, "--worker", "--config", config,
+                       "--steps", str(args.steps), "--batch", str(args.batch), "--context", str(args.context)]
+            result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+            figures = json.loads(result.stdout.strip().splitlines()[-1])
+            print(f"{config:<8}{ranks:>6}{figures['tokens_per_s']:>11.0f}{figures['step_s']:>9.2f}"
+                  f"{figures['allreduce_s']:>19.3f}")
+
+
+if __name__ == "__main__":
+    main()

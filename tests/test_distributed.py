@@ -1,0 +1,188 @@
+"""Data parallel training over MPI: mpiexec -n 2 against one process with the global batch.
+
+Needs the [distributed] extra (mpi4py and MPICH's mpiexec); skipped without it.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tinygrad_llm as tl
+from tinygrad_llm import distributed
+from tinygrad_llm.checkpoint import read_checkpoint
+from tinygrad_llm.data import DataLoader
+
+pytest.importorskip("mpi4py")
+MPIEXEC = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+if MPIEXEC is None:
+    pytest.skip("no mpiexec (pip install 'tinygrad_llm[distributed]')", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "tests" / "distributed_run.py"
+TINY = {"vocab_size": 50257, "context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
+        "drop_rate": 0.0, "qkv_bias": False}
+
+
+def run(ranks, *args, cwd, timeout=300):
+    command = [sys.executable, *map(str, args)]
+    if ranks > 1:
+        command = [MPIEXEC, "-n", str(ranks), *command]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def trained(ranks, tmp_path, name, *options):
+    result = run(ranks, RUN, tmp_path / name, *options, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads((tmp_path / name).read_text())
+    return out["losses"], out["history"], {key: np.array(value) for key, value in out["weights"].items()}
+
+
+def assert_same_run(a, b, loss_rtol, weight_atol):
+    np.testing.assert_allclose(a[0], b[0], rtol=loss_rtol, atol=0)  # the loss of every step's global batch
+    np.testing.assert_allclose([r["train_loss"] for r in a[1]], [r["train_loss"] for r in b[1]], rtol=loss_rtol,
+                               atol=0)
+    assert [r["tokens_seen"] for r in a[1]] == [r["tokens_seen"] for r in b[1]]
+    for name, weight in a[2].items():
+        np.testing.assert_allclose(b[2][name], weight, rtol=0, atol=weight_atol, err_msg=name)
+
+
+# The all-reduce sums the ranks' gradients in another order than one process's matmuls do,
+# so the runs agree to rounding, which AdamW's division by sqrt(v) carries into the weights.
+# Measured after 6 steps: float64 losses equal, weights within 5.5e-15; float32 losses
+# within 4.3e-8 (relative), weights within 1.4e-6 (weights of order 0.1-1).
+@pytest.mark.parametrize("dtype, loss_rtol, weight_atol", [("float64", 1e-12, 1e-12), ("float32", 1e-6, 1e-5)])
+def test_two_ranks_with_batch_b_train_as_one_process_with_batch_2b(tmp_path, dtype, loss_rtol, weight_atol):
+    one = trained(1, tmp_path, "one.json", "--batch", 4, "--steps", 6, "--dtype", dtype)
+    two = trained(2, tmp_path, "two.json", "--batch", 2, "--steps", 6, "--dtype", dtype)
+    assert len(one[0]) == 6
+    assert_same_run(one, two, loss_rtol, weight_atol)
+
+
+def test_a_checkpoint_and_resume_under_two_ranks_continue_bit_for_bit(tmp_path):
+    # With dropout: each rank's own generator is saved and restored.
+    options = ["--batch", 2, "--steps", 6, "--dropout", 0.2]
+    whole = trained(2, tmp_path, "whole.json", *options, "--checkpoint", tmp_path / "whole.safetensors")
+    trained(2, tmp_path, "first.json", *options, "--checkpoint", tmp_path / "halves.safetensors", "--stop-at", 3)
+    second = trained(2, tmp_path, "second.json", *options, "--checkpoint", tmp_path / "halves.safetensors",
+                     "--resume")
+    assert second[0] == whole[0][3:]
+    for name, weight in whole[2].items():
+        np.testing.assert_array_equal(second[2][name], weight)
+
+
+def test_a_killed_rank_ends_the_job_within_seconds_and_the_checkpoint_loads(tmp_path):
+    started = time.monotonic()
+    result = run(2, RUN, tmp_path / "out.json", "--batch", 2, "--steps", 6, "--checkpoint",
+                 tmp_path / "ckpt.safetensors", "--kill-rank", 1, "--kill-at-step", 3, cwd=tmp_path, timeout=120)
+    assert time.monotonic() - started < 60
+    assert result.returncode != 0
+    assert "BAD TERMINATION" in result.stdout + result.stderr and "signal 9" in result.stdout + result.stderr
+    metadata = tl.load_checkpoint(tmp_path / "ckpt.safetensors", tl.GPTModel(
+        {"vocab_size": 50257, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0,
+         "qkv_bias": False}))
+    assert metadata["train_state"]["step"] == 2  # saved every 2 steps; the kill came in step 3
+
+
+def test_a_rank_that_raises_ends_every_rank_naming_itself(tmp_path):
+    started = time.monotonic()
+    result = run(2, RUN, tmp_path / "out.json", "--batch", 2, "--steps", 6, "--raise-rank", 1, cwd=tmp_path,
+                 timeout=120)
+    assert time.monotonic() - started < 60
+    assert result.returncode != 0
+    assert "rank 1 of 2: ValueError: made to fail; ending every rank" in result.stderr
+
+
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    result = run(2, RUN, tmp_path / "out.json", "--batch", 2, "--steps", 6, "--checkpoint",
+                 tmp_path / "ckpt.safetensors", "--term-rank", 1, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["interrupted"] == "training interrupted by SIGTERM after step 2" and len(out["losses"]) == 3
+    assert read_checkpoint(tmp_path / "ckpt.safetensors")["metadata"]["train_state"]["step"] == 3
+
+
+def cli(ranks, *args, cwd):
+    return run(ranks, "-m", "tinygrad_llm", *args, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def shard_folder(tmp_path_factory):
+    from tinygrad_llm.shards import prepare
+
+    folder = tmp_path_factory.mktemp("distributed")
+    text = tl.datasets.path("the-verdict").read_text(encoding="utf-8")
+    (folder / "corpus").mkdir()
+    for i in range(4):
+        (folder / "corpus" / f"part{i}.txt").write_text(text[i * 2000:(i + 1) * 2000], encoding="utf-8")
+    prepare(folder / "corpus", folder / "shards", shard_tokens=500, processes=1, progress=False)
+    (folder / "tiny.json").write_text(json.dumps(TINY))
+    return folder
+
+
+def test_pretrain_under_mpiexec_matches_one_process_and_resumes_only_with_as_many_ranks(shard_folder, tmp_path):
+    common = ["pretrain", "--data", shard_folder / "shards", "--config", shard_folder / "tiny.json", "--epochs", 2,
+              "--eval-freq", 4, "--eval-iter", 2, "--no-progress"]
+    one = cli(1, *common, "--batch-size", 4, "--out", tmp_path / "one", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = cli(2, *common, "--batch-size", 2, "--out", tmp_path / "two", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr
+    assert "on each of 2 ranks" in two.stdout and "Process ids by rank: 0: " in two.stdout
+    assert two.stdout.count("Checkpoint:") == 1  # rank 0 alone prints
+
+    def final(out):
+        model = tl.GPTModel(TINY)
+        metadata = tl.load_checkpoint(tmp_path / out / "checkpoint.safetensors", model)
+        return model.state_dict(), [r["val_loss"] for r in metadata["train_state"]["history"] if "val_loss" in r]
+
+    (weights_one, losses_one), (weights_two, losses_two) = final("one"), final("two")
+    np.testing.assert_allclose(losses_two, losses_one, rtol=1e-5)
+    for name, weight in weights_one.items():
+        np.testing.assert_allclose(weights_two[name], weight, rtol=1e-5, atol=1e-6, err_msg=name)
+    metrics = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == len(losses_two)  # one writer
+
+    again = cli(1, "pretrain", "--out", tmp_path / "two", "--resume", "--data", shard_folder / "shards", "--epochs", 2,
+                "--no-progress", cwd=tmp_path)
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert "written by a run on 2 rank(s) (global batch 4); resume it with mpiexec -n 2, not 1" in again.stderr
+
+
+# ---- in one process ------------------------------------------------------------------------
+
+
+def test_one_process_is_rank_0_of_1_without_mpi(monkeypatch):
+    for name in distributed.RANK_COUNT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.launched_ranks() == 1
+    world = distributed.World()
+    assert (world.rank, world.size) == (0, 1)
+    assert world.average({"loss": 2.5}) == {"loss": 2.5} and world.agree(15) == 15
+
+
+def test_rank_batches_split_each_global_batch_in_row_order():
+    class Dataset:
+        def __len__(self):
+            return 12
+
+        def batch(self, indices):
+            return np.asarray(indices)[:, None] * np.ones((1, 3), int), np.asarray(indices)[:, None]
+
+    class Rank:
+        def __init__(self, rank):
+            self.rank, self.size = rank, 3
+
+    loader = DataLoader(Dataset(), 6, shuffle=True, drop_last=True, seed=1)
+    whole = [targets[:, 0].tolist() for _, targets in DataLoader(Dataset(), 6, shuffle=True, drop_last=True, seed=1)]
+    parts = [[targets[:, 0].tolist() for _, targets in distributed.RankBatches(
+        DataLoader(Dataset(), 6, shuffle=True, drop_last=True, seed=1), Rank(r))] for r in range(3)]
+    assert [sum((parts[r][b] for r in range(3)), []) for b in range(2)] == whole
+    assert distributed.RankBatches(loader, Rank(0)).rng is loader.rng
+    with pytest.raises(ValueError, match="global batch of 6 rows cannot be split over 4 ranks"):
+        distributed.RankBatches(loader, type("Four", (), {"rank": 0, "size": 4})())

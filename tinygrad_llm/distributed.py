@@ -1,0 +1,157 @@
+"""Data parallelism over MPI (mpi4py): one process per rank, one all-reduce of the gradients per step.
+
+    mpiexec -n N tinygrad-llm pretrain ... --batch-size B
+
+Every rank builds the same model from the same seed and draws the same global batches of
+N*B rows (from a seeded loader); rank r trains on rows [rB, (r+1)B) of each (RankBatches).
+After backward, `World.allreduce_gradients` sums every gradient over the ranks in one
+MPI Allreduce over one flat buffer and divides by N: with a loss that is a mean over
+rows of equal weight (pretraining's cross-entropy), that is the gradient of the global
+batch, so every rank takes the same optimizer step and the weights stay identical.
+Rank 0 alone writes checkpoints, the metrics log and the progress bar. Each rank draws
+its own dropout masks, from a generator seeded with (seed, rank).
+
+The ranks are found from the environment mpiexec sets (MPICH's PMI_SIZE, Open MPI's
+OMPI_COMM_WORLD_SIZE); a process started without mpiexec is rank 0 of 1 and never
+imports mpi4py. mpi4py comes with `pip install 'tinygrad_llm[distributed]'`, which also
+installs MPICH's mpiexec.
+"""
+import contextlib
+import functools
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import backend
+
+RANK_COUNT_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+
+
+class World:
+    """This process's rank among `size`, and the collective operations the training loop uses."""
+
+    def __init__(self, comm=None):
+        self.comm = comm
+        self.rank = 0 if comm is None else comm.Get_rank()
+        self.size = 1 if comm is None else comm.Get_size()
+        self.communication_seconds = 0.0  # time spent in all-reduces, for the scaling figures
+
+    def allreduce_gradients(self, params):
+        """Average the gradients of `params` over the ranks, in place: one Allreduce over one flat buffer.
+
+        Parameters without a gradient (frozen) are skipped; every rank holds the same model,
+        so every rank skips the same ones and the buffers line up.
+        """
+        if self.size == 1:
+            return
+        from mpi4py import MPI
+
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = np.concatenate([backend.to_host(g).ravel() for g in grads])  # (total parameters,)
+        start = time.perf_counter()
+        self.comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+        self.communication_seconds += time.perf_counter() - start
+        flat /= self.size
+        offset = 0
+        for g in grads:
+            g[...] = backend.to_device(flat[offset:offset + g.size].reshape(g.shape), backend.device_of(g))
+            offset += g.size
+
+    def average(self, values):
+        """A dict of floats averaged over the ranks (each rank's evaluation of its own rows)."""
+        if self.size == 1:
+            return values
+        from mpi4py import MPI
+
+        keys = sorted(values)
+        total = np.array([float(values[key]) for key in keys])
+        self.comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
+        return {**values, **{key: float(value) / self.size for key, value in zip(keys, total)}}
+
+    def agree(self, flag):
+        """The largest of every rank's `flag` (a signal number, 0 for none): all ranks stop together."""
+        return flag if self.size == 1 else self.comm.allreduce(flag, op=_max())
+
+    def gather(self, value):
+        """Every rank's `value` (a JSON-able object), in rank order, on every rank."""
+        return [value] if self.size == 1 else self.comm.allgather(value)
+
+    @contextlib.contextmanager
+    def ending_together(self):
+        """An exception on this rank ends every rank (abort), naming this rank: the others would
+        otherwise wait for it in the next all-reduce forever. Ctrl-C and SIGTERM are not ended
+        here: the training loop has every rank stop after the same step."""
+        try:
+            yield
+        except Exception as error:
+            self.abort(f"{type(error).__name__}: {error}")
+            raise
+
+    def abort(self, message):
+        """End every rank at once (a rank that raised would leave the others waiting in an all-reduce).
+        Nothing to do in a process of its own, which ends as usual."""
+        if self.size > 1:
+            print(f"rank {self.rank} of {self.size}: {message}; ending every rank", file=sys.stderr, flush=True)
+            self.comm.Abort(1)
+
+
+def _max():
+    from mpi4py import MPI
+
+    return MPI.MAX
+
+
+def launched_ranks():
+    """The rank count mpiexec announced in the environment (1 when started without it)."""
+    for name in RANK_COUNT_VARIABLES:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+@functools.cache
+def current():
+    """This process's World: from MPI when mpiexec started several ranks, else rank 0 of 1."""
+    if launched_ranks() == 1:
+        return World()
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise RuntimeError(f"mpiexec started {launched_ranks()} ranks but mpi4py is not installed: "
+                           "pip install 'tinygrad_llm[distributed]'") from None
+    return World(MPI.COMM_WORLD)
+
+
+def rank_seed(seed, rank):
+    """A seed for rank `rank`'s dropout masks: different on every rank, the same on every run."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+class RankBatches:
+    """Rows [rB, (r+1)B) of each batch of `loader`, which draws global batches of N*B rows.
+
+    Every rank iterates the same loader with the same seed, so all draw the same global
+    batches; `rng` is the loader's own, so the training loop saves and restores it.
+    """
+
+    def __init__(self, loader, world):
+        if loader.batch_size % world.size:
+            raise ValueError(f"the global batch of {loader.batch_size} rows cannot be split over {world.size} ranks")
+        if not loader.drop_last and len(loader.dataset) % loader.batch_size:
+            raise ValueError("every global batch must be full to split it over the ranks: use drop_last=True")
+        self.loader, self.world = loader, world
+        self.rows = loader.batch_size // world.size
+
+    @property
+    def rng(self):
+        return self.loader.rng
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        mine = slice(self.world.rank * self.rows, (self.world.rank + 1) * self.rows)
+        for inputs, targets in self.loader:
+            yield inputs[mine], targets[mine]
