@@ -252,6 +252,39 @@ def test_a_temporary_file_left_by_a_killed_save_is_removed_by_the_next_save(tmp_
     assert not stale.exists() and alive.exists() and other.exists()
 
 
+SAVE_INTO_A_READ_ONLY_FOLDER = """
+import os, sys
+import safetensors.numpy
+import tinygrad_llm as tl
+model = tl.GPTModel({"vocab_size": 30, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
+                     "drop_rate": 0.0, "qkv_bias": False}, seed=1)
+if os.geteuid() == 0:
+    os.setuid(65534)  # root writes anywhere: become nobody, for whom the folder is read-only
+try:
+    tl.save_checkpoint(sys.argv[1], model)
+except OSError as error:
+    print(type(error).__name__, error)
+"""
+
+
+def test_a_read_only_folder_is_one_save_error_naming_the_file(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    path = folder / "ck.safetensors"
+    model = trained_checkpoint(path)
+    folder.chmod(0o555)
+    tmp_path.chmod(0o755)
+    try:
+        child = subprocess.run([sys.executable, "-c", SAVE_INTO_A_READ_ONLY_FOLDER, str(path)],
+                               capture_output=True, text=True, env={**os.environ, "HOME": "/tmp"})
+    finally:
+        folder.chmod(0o755)
+    assert child.stdout.startswith(f"SaveError cannot write {path}: "), child.stdout + child.stderr
+    loaded = tl.GPTModel(CFG, seed=3)
+    tl.load_checkpoint(path, loaded)
+    np.testing.assert_array_equal(loaded.tok_emb.weight.numpy(), model.tok_emb.weight.numpy())
+
+
 # ---- Hugging Face folders -----------------------------------------------------------------------
 
 @pytest.fixture
@@ -579,6 +612,13 @@ def test_a_checkpoint_with_nan_weights_is_refused_before_generating(cli_files, t
     assert result.stdout == ""
 
 
+def test_import_gpt2_refuses_integer_weights_and_writes_nothing(tmp_path, hf_folder):
+    rewrite_tensors(hf_folder, lambda t: t.update({"transformer.wte.weight": t["transformer.wte.weight"].astype(np.int8)}))
+    result = run_cli("import-gpt2", "--from", hf_folder, "--out", tmp_path / "gpt2.safetensors")
+    assert_refused(result, "model.safetensors", "'transformer.wte.weight' has dtype I8")
+    assert not (tmp_path / "gpt2.safetensors").exists()
+
+
 def test_import_gpt2_out_must_be_a_file(tmp_path, hf_folder):
     assert_refused(run_cli("import-gpt2", "--from", hf_folder, "--out", tmp_path), "--out", "is a folder, not a file")
 
@@ -825,3 +865,30 @@ def test_a_wrong_file_in_the_data_folder_is_refused_naming_it(tmp_path, monkeypa
     with pytest.raises(ValueError, match=f"{tmp_path / 'the-verdict.txt'} is not the data set 'the-verdict'"):
         datasets.path("the-verdict")
     assert (tmp_path / "the-verdict.txt").read_text() == "not the story"  # the user's file is left alone
+
+
+@pytest.mark.parametrize("command", [["finetune", "classify"], ["finetune", "dpo"], ["finetune", "ppo"], ["classify"]])
+def test_every_subcommand_checks_its_device(command):
+    assert_refused(run_cli(*command, "--device", "cuda:3"), "argument --device", "unknown device 'cuda:3'")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda ps: tl.optim.AdamW(ps, lr=-1e-3), "AdamW lr must be >= 0.0, got -0.001"),
+    (lambda ps: tl.optim.AdamW(ps, lr=float("nan")), "AdamW lr must be a finite number"),
+    (lambda ps: tl.optim.AdamW(ps, betas=(0.9, 1.0)), r"AdamW betas must be >= 0.0 and < 1.0, got 1.0"),
+    (lambda ps: tl.optim.AdamW(ps, eps=-1.0), "AdamW eps must be >= 0.0"),
+    (lambda ps: tl.optim.AdamW([{"params": ps, "weight_decay": -0.1}]), "AdamW weight_decay must be >= 0.0"),
+    (lambda ps: tl.optim.SGD(ps, lr=0.1, momentum=-0.5), "SGD momentum must be >= 0.0"),
+    (lambda ps: tl.optim.clip_grad_norm_(ps, float("nan")), "max_norm must be a number >= 0"),
+    (lambda ps: tl.optim.clip_grad_norm_(ps, -1.0), "max_norm must be a number >= 0"),
+])
+def test_optimizer_settings_are_checked(make, message):
+    with pytest.raises(ValueError, match=message):
+        make(tl.GPTModel(CFG, seed=0).parameters())
+
+
+def test_calc_loss_loader_refuses_zero_batches():
+    from tinygrad_llm.train import calc_loss_loader
+
+    with pytest.raises(ValueError, match="num_batches must be an integer >= 1, got 0"):
+        calc_loss_loader([(IDS, IDS)], tl.GPTModel(CFG, seed=0), None, num_batches=0)

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from . import backend, cpu, cuda
+from . import backend, cpu, cuda, validation
 from .backend import xp_of
 
 # Elements per chunk: an update's five chunks (512 KB each in float32) stay in the cache
@@ -74,6 +74,9 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr, momentum=0.0, weight_decay=0.0):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        for group in self.param_groups:  # torch refuses these too
+            for key in ("lr", "momentum", "weight_decay"):
+                validation.number(f"SGD {key}", group[key], minimum=0.0)
 
     def step(self):
         for group in self.param_groups:
@@ -104,6 +107,13 @@ class AdamW(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        for group in self.param_groups:  # torch refuses these too
+            for key in ("lr", "eps", "weight_decay"):
+                validation.number(f"AdamW {key}", group[key], minimum=0.0)
+            if len(group["betas"]) != 2:
+                raise ValueError(f"AdamW betas must be two numbers, got {group['betas']!r}")
+            for beta in group["betas"]:
+                validation.number("AdamW betas", beta, minimum=0.0, maximum=1.0, below=True)
 
     def step(self):
         tasks = []
@@ -163,6 +173,9 @@ def clip_grad_norm_(params, max_norm):
     On the CPU the norm is a float; on a GPU it stays there, a 0-d array (float() of it
     waits for the device), and the scale min(1, ...) is applied without asking the host.
     """
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float, np.floating)) or not max_norm >= 0:
+        # NaN fails >= 0; inf is allowed, as in torch: the norm is measured and nothing is clipped
+        raise ValueError(f"max_norm must be a number >= 0 (inf measures without clipping), got {max_norm!r}")
     grads = list({id(p.grad): p.grad for p in params if p.grad is not None}.values())
     if not grads:
         return 0.0

@@ -74,7 +74,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import backend, distributed
+from . import backend, distributed, validation
 from . import functional as F
 from .checkpoint import check_train_state, load_checkpoint, read_checkpoint, save_checkpoint
 from .generate import generate, text_to_token_ids, token_ids_to_text
@@ -100,6 +100,8 @@ def calc_loss_loader(data_loader, model, device, num_batches=None):
     """Average batch loss (a float) over the first `num_batches` batches (default all); NaN if empty."""
     if len(data_loader) == 0:
         return float("nan")
+    if num_batches is not None:
+        validation.integer("num_batches", num_batches, minimum=1)
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
     total = 0.0
     with no_grad():

@@ -1,9 +1,8 @@
 """`tinygrad-llm classify`: "spam" or "not spam" for each text, from a `finetune classify` checkpoint."""
 import sys
 
-from .. import backend
 from ..finetune.classify import classify_review, load_classifier
-from .common import get_tokenizer
+from .common import add_device_option, get_tokenizer
 
 
 def add_classify(subparsers):
@@ -13,7 +12,7 @@ def add_classify(subparsers):
                     "A text longer than the classifier's max_length is cut to it, as the book does.")
     p.add_argument("--checkpoint", required=True, help="a classifier written by `tinygrad-llm finetune classify`")
     p.add_argument("--text", action="append", help="a text to classify (repeatable)")
-    p.add_argument("--device", choices=backend.DEVICES, default=backend.default_device())
+    add_device_option(p)
     p.set_defaults(run=run_classify)
 
 

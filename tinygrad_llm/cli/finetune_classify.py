@@ -14,7 +14,7 @@ from ..finetune.classify import (TOKENS, TRAINABLE, SpamDataset, calc_accuracy_l
 from ..model import GPT2_PRESETS, GPT2_SIZES, GPTModel
 from ..optim import AdamW
 from ..train import TrainingDivergedError
-from .common import METRICS_NAME, get_tokenizer, load_openai_gpt2
+from .common import METRICS_NAME, add_device_option, get_tokenizer, load_openai_gpt2
 
 CLASSIFIER_NAME = "classifier.safetensors"
 ACCURACY_NAME = "accuracy.json"
@@ -52,7 +52,7 @@ def add_classify_task(tasks):
     p.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation (default 5)")
     p.add_argument("--seed", type=int, default=123, help="seeds the new head, shuffling and dropout (default 123)")
     p.add_argument("--out", required=True, help="folder for the classifier, the metrics log and the plots")
-    p.add_argument("--device", choices=backend.DEVICES, default=backend.default_device())
+    add_device_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run_classify_task)
 

@@ -21,7 +21,7 @@ from ..model import MultiHeadAttention
 from ..nn import Dropout
 from ..optim import AdamW
 from ..train import TrainingDivergedError
-from .common import CHECKPOINT_NAME, METRICS_NAME, get_tokenizer, load_openai_gpt2
+from .common import CHECKPOINT_NAME, METRICS_NAME, add_device_option, get_tokenizer, load_openai_gpt2
 
 REWARD_MODEL_NAME = "reward_model.safetensors"
 
@@ -34,7 +34,7 @@ def _add_common(subparsers, name, help_text, run):
     p.add_argument("--out", required=True, help="folder for the checkpoint, metrics and plots")
     p.add_argument("--seed", type=int, default=123, help="seeds shuffling, initialisation and sampling (default 123)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (default: the whole run)")
-    p.add_argument("--device", choices=backend.DEVICES, default=backend.default_device())
+    add_device_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
     return p
