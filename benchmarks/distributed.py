@@ -3,7 +3,9 @@
 Each rank trains on --batch rows of --context tokens per step (the global batch grows with
 the ranks), through the one training loop, on random token ids; the first step is left out
 of the timing. "all-reduce" is the time inside MPI Allreduce per step (the flat gradient
-buffer, 4 bytes per parameter); the copies into and out of the buffer are not in it.
+buffer, 4 bytes per parameter), which holds the wait for the slower rank; "alone" times the
+same all-reduce with both ranks ready (after a barrier). The copies into and out of the
+buffer are in neither.
 
     python benchmarks/distributed.py [--configs tiny 124M] [--ranks 1 2] [--steps 4]
 
@@ -47,10 +49,23 @@ def worker(args):
     seconds = time.perf_counter() - step_ends[1]  # from the start of step 2 to the end
     # The all-reduce of step 1 is left out too: its share is the average one.
     communication = world.communication_seconds * args.steps / (args.steps + 1)
+    alone = allreduce_alone(world, model) if world.size > 1 else 0.0
     if world.rank == 0:
         print(json.dumps({"tokens_per_s": world.size * args.batch * args.context * args.steps / seconds,
                           "step_s": seconds / args.steps, "allreduce_s": communication / args.steps,
-                          "parameters": sum(p.data.size for p in model.parameters())}))
+                          "allreduce_alone_s": alone, "parameters": sum(p.data.size for p in model.parameters())}))
+
+
+def allreduce_alone(world, model, repeats=3):
+    """The median time of the gradient all-reduce with every rank already waiting at a barrier:
+    the cost of moving the data, without the wait for a slower rank that a step's figure holds."""
+    times = []
+    for _ in range(repeats):
+        world.comm.Barrier()
+        before = world.communication_seconds
+        world.allreduce_gradients(model.parameters())
+        times.append(world.communication_seconds - before)
+    return sorted(times)[repeats // 2]
 
 
 def main():
@@ -71,7 +86,7 @@ def main():
         raise SystemExit("no mpiexec: pip install 'tinygrad_llm[distributed]'")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     print(f"batch {args.batch} x {args.context} tokens per rank, {args.steps} timed steps, {os.cpu_count()} cores")
-    print(f"{'config':<8}{'ranks':>6}{'tokens/s':>11}{'s/step':>9}{'all-reduce s/step':>19}")
+    print(f"{'config':<8}{'ranks':>6}{'tokens/s':>11}{'s/step':>9}{'all-reduce s/step':>19}{'all-reduce alone s':>20}")
     for config in args.configs:
         for ranks in args.ranks:
             command = [mpiexec, "-n", str(ranks), sys.executable, __file__, "--worker", "--config", config,
@@ -79,7 +94,7 @@ def main():
             result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
             figures = json.loads(result.stdout.strip().splitlines()[-1])
             print(f"{config:<8}{ranks:>6}{figures['tokens_per_s']:>11.0f}{figures['step_s']:>9.2f}"
-                  f"{figures['allreduce_s']:>19.3f}")
+                  f"{figures['allreduce_s']:>19.3f}{figures['allreduce_alone_s']:>20.3f}")
 
 
 if __name__ == "__main__":
