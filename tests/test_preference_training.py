@@ -189,3 +189,20 @@ def test_a_reward_model_checkpoint_round_trips(tmp_path):
     tl.save_checkpoint(tmp_path / "gpt.safetensors", tl.GPTModel(CFG, seed=7))
     with pytest.raises(ValueError, match="not a reward-model checkpoint"):
         preference.load_reward_model(tmp_path / "gpt.safetensors")
+
+
+def test_dpo_trains_lora_adapters_alone():
+    from tinygrad_llm.lora import lora_layers, replace_linear_with_lora
+
+    policy = tl.GPTModel(CFG, seed=8)
+    for p in policy.parameters():
+        p.requires_grad = False
+    replace_linear_with_lora(policy, rank=2, alpha=2)
+    reference = preference.make_reference_model(policy)
+    batch = preference_batches(1)[0]
+    results = preference.evaluate_dpo_loss_loader(policy, reference, [batch], [batch], beta=0.1, eval_iter=1)
+    assert results["train_loss"] == float(np.float32(np.log(2)))  # B = 0: the adapted model is the base model
+    preference.compute_dpo_loss_batch(batch, policy, reference, beta=0.1)[0].backward()
+    adapters = {id(p) for layer in lora_layers(policy).values() for p in layer.lora.parameters()}
+    assert adapters and all((p.grad is not None) == (id(p) in adapters) for p in policy.parameters())
+    assert all(p.grad is None for p in reference.parameters())
