@@ -143,7 +143,9 @@ class KVCache:
 
     def keep_rows(self, rows):
         """Keep only the sequences `rows` (indices into the batch), e.g. once the others are finished."""
-        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+        rows = np.asarray(rows)
+        on_device = backend.xp_of(self.keys).asarray(rows)
+        self.keys, self.values = self.keys[:, on_device], self.values[:, on_device]
         if self.padding is not None:
             self.padding = self.padding[rows]
             if not self.padding.any():

@@ -18,13 +18,19 @@ import re
 import string
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .. import backend, datasets
+from ..data import DataLoader
 from ..generate import generate
-from ..train import calc_loss_loader
+from ..lora import replace_linear_with_lora
+from ..model import MultiHeadAttention
+from ..nn import Dropout
+from ..optim import AdamW
+from ..train import calc_loss_loader, train_model_simple
 from .judge import DEFAULT_MODEL, DEFAULT_TIMEOUT, DEFAULT_URL, JudgeError, JudgeUnavailableError, parse_score, query_model
 
 PROMPT_HEAD = ("Below is an instruction that describes a task. "
@@ -147,20 +153,69 @@ def custom_collate_fn(batch, pad_token_id=50256, ignore_index=-100, allowed_max_
             backend.to_device(np.ascontiguousarray(targets), device))
 
 
-def instruction_batches(dataset, batch_size=8, **collate_options):
-    """The dataset's items in order, collated in batches of `batch_size` (the last may be smaller):
-    a loader for evaluation (calc_loss_loader takes any list of batches)."""
-    return [custom_collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
-                              mask_instruction=dataset.mask_instruction, **collate_options)
-            for start in range(0, len(dataset), batch_size)]
+def instruction_loader(data, tokenizer, batch_size=8, shuffle=False, drop_last=False, mask_instruction=False,
+                       allowed_max_length=1024, pad_token_id=50256, seed=None):
+    """A DataLoader of (inputs, targets) batches of entries `data`, through the book's collate.
+
+    The book's loaders: the training split shuffled with drop_last (935 entries: 116 batches
+    of 8), validation and test in order, keeping the last smaller batch.
+    """
+    collate = partial(custom_collate_fn, pad_token_id=pad_token_id, allowed_max_length=allowed_max_length,
+                      mask_instruction=mask_instruction)
+    dataset = InstructionDataset(data, tokenizer, mask_instruction=mask_instruction)
+    return DataLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=collate, seed=seed)
+
+
+def create_instruction_loaders(train_data, val_data, tokenizer, batch_size=8, shuffle=True, seed=None, **options):
+    """(train_loader, val_loader) as the book builds them; `options` go to instruction_loader."""
+    train_loader = instruction_loader(train_data, tokenizer, batch_size, shuffle=shuffle, drop_last=True, seed=seed,
+                                      **options)
+    return train_loader, instruction_loader(val_data, tokenizer, batch_size, **options)
 
 
 def split_loss(model, data, tokenizer, batch_size=8, mask_instruction=False, allowed_max_length=1024):
     """{"loss", "perplexity"} of the model on entries `data` (the test split, say), in batches of the book's collate."""
-    dataset = InstructionDataset(data, tokenizer, mask_instruction=mask_instruction)
-    loss = calc_loss_loader(instruction_batches(dataset, batch_size, allowed_max_length=allowed_max_length),
-                            model, device=None)
+    loader = instruction_loader(data, tokenizer, batch_size, mask_instruction=mask_instruction,
+                                allowed_max_length=allowed_max_length)
+    loss = calc_loss_loader(loader, model, device=None)
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf")}
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+
+def set_drop_rate(model, rate):
+    """Every dropout of the model at `rate`: the book fine-tunes GPT-2 with drop_rate 0.0, though
+    OpenAI's config (which the loaded weights bring) says 0.1."""
+    for _, module in model.modules():
+        if isinstance(module, Dropout):
+            module.p = rate
+        elif isinstance(module, MultiHeadAttention):
+            module.dropout = rate
+    model.cfg["drop_rate"] = rate
+    return model
+
+
+def finetune_instruct(model, train_loader, val_loader, num_epochs=2, lr=5e-5, weight_decay=0.1, eval_freq=5,
+                      eval_iter=5, start_context=None, tokenizer=None, lora_rank=None, lora_alpha=None,
+                      **train_options):
+    """Chapter 7's fine-tune through the one loop: (train_losses, val_losses, tokens_seen) at each evaluation.
+
+    The book's settings are the defaults: AdamW with lr 5e-5 and weight decay 0.1, 2
+    epochs, the losses of 5 batches of each loader every 5 steps, and the loss of a batch
+    is chapter 5's mean next-token cross-entropy over the targets the collate kept. After
+    each epoch the model's response to `start_context` (the book: format_input(val_data[0]))
+    is printed. With `lora_rank`, every weight is frozen and every Linear gets appendix E's
+    adapter (alpha defaults to the rank), which alone is trained. `train_options` are
+    train()'s: accumulation_steps, checkpoint_path, resume, metrics_path, grad_clip, ...
+    """
+    if lora_rank is not None:
+        for p in model.parameters():
+            p.requires_grad = False
+        replace_linear_with_lora(model, lora_rank, lora_rank if lora_alpha is None else lora_alpha)
+    optimizer = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return train_model_simple(model, train_loader, val_loader, optimizer, None, num_epochs, eval_freq, eval_iter,
+                              start_context, tokenizer, **train_options)
 
 
 # ---- responses ---------------------------------------------------------------------------------
