@@ -11,10 +11,11 @@ import signal
 import sys
 
 from ..datasets import DownloadError
-from . import classify, exercises, finetune, generate, gpt2, grade, info, prepare, pretrain
+from . import chat, classify, evaluate, exercises, finetune, generate, gpt2, grade, info, prepare, pretrain
 
 SUBCOMMANDS = (pretrain.add_pretrain, finetune.add_finetune, classify.add_classify, generate.add_generate,
-               gpt2.add_import_gpt2, info.add_info, grade.add_grade, exercises.add_exercises, prepare.add_prepare)
+               gpt2.add_import_gpt2, info.add_info, grade.add_grade, exercises.add_exercises, prepare.add_prepare,
+               evaluate.add_evaluate, chat.add_chat)
 
 
 def build_parser():
