@@ -89,3 +89,10 @@ def test_lora_trains_only_the_adapters_as_torch_does(splits):
         np.testing.assert_allclose(value, expected[name], rtol=1e-8, atol=1e-10, err_msg=name)
         if ".lora." not in name:
             np.testing.assert_array_equal(value, start[name.replace(".linear.", ".")], err_msg=name)  # frozen
+
+
+def test_lora_rank_16_on_gpt2_medium_trains_the_books_count():
+    model = tl.GPTModel(tl.gpt2_config("gpt2-medium", qkv_bias=True), init_weights=False)  # shapes only
+    batch = (np.zeros((1, 4), np.int64), np.zeros((1, 4), np.int64))
+    finetune_instruct(model, [batch], [batch], num_epochs=0, lora_rank=16, progress=False)
+    assert model.num_parameters(trainable=True) == 7_898_384  # the book's exercise 7.4 (LoRA) figure
