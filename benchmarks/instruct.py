@@ -9,11 +9,11 @@ reference model on its fastest eager path (scaled_dot_product_attention, native
 LayerNorm and GELU, fused AdamW) from the same weights.
 
 The two alternate step by step in one process (each library's model, gradients and AdamW
-state: about 12 GB at 355M), so a change in the machine's load hits both alike; the median
-step time is reported with the load average.
+state: the process reached 14.7 GB at 355M), so a change in the machine's load hits both
+alike; the median step time is reported with the load average.
 
-    python benchmarks/instruct.py                 # 355M, 6 timed steps each
-    python benchmarks/instruct.py --config 124M   # GPT-2 small (about 4 GB)
+    python benchmarks/instruct.py                 # 355M, 6 timed steps each (about 15 GB)
+    python benchmarks/instruct.py --config 124M   # GPT-2 small (about 5 GB)
 """
 import argparse
 import os
