@@ -597,6 +597,29 @@ def test_generate_refuses_a_bad_option_value_naming_it(cli_files, option, value,
     assert_refused(result, f"argument {option}", message)
 
 
+@pytest.mark.parametrize("command, option, value, message", [
+    (["chat"], "--temperature", "nan", "value must be a finite number >= 0.0, got nan"),
+    (["chat"], "--top-k", "0", "value must be an integer >= 1"),
+    (["chat"], "--max-new-tokens", "0", "value must be an integer >= 1"),
+    (["chat"], "--device", "tpu", "unknown device 'tpu'"),
+    (["finetune", "instruct"], "--lr", "-1", "value must be > 0.0, got -1.0"),
+    (["finetune", "instruct"], "--epochs", "-1", "value must be an integer >= 0"),
+    (["finetune", "instruct"], "--drop-rate", "1", "value must be >= 0.0 and < 1.0, got 1.0"),
+    (["finetune", "instruct"], "--lora-rank", "0", "value must be an integer >= 1"),
+    (["evaluate"], "--judge-timeout", "0", "value must be > 0.0, got 0.0"),
+])
+def test_chat_instruct_and_evaluate_refuse_a_bad_option_value_before_any_work(cli_files, tmp_path, command, option,
+                                                                              value, message):
+    given = {"chat": ["--checkpoint", cli_files / "run" / "checkpoint.safetensors"],
+             "finetune": ["--out", tmp_path / "run"], "evaluate": ["--responses", tmp_path / "responses.json"]}
+    assert_refused(run_cli(*command, *given[command[0]], option, value), f"argument {option}", message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_chat_names_a_missing_checkpoint(tmp_path):
+    assert_refused(run_cli("chat", "--checkpoint", tmp_path / "missing.safetensors"), "missing.safetensors")
+
+
 @pytest.mark.parametrize("command", ["generate", "info"])
 def test_a_missing_checkpoint_is_named_at_once(tmp_path, command):
     assert_refused(run_cli(command, "--checkpoint", tmp_path / "nothing.safetensors"), "--checkpoint",

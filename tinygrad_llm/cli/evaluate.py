@@ -3,6 +3,7 @@ import json
 
 from ..finetune.instruct import JUDGE_PROMPTS, judge_responses, load_responses, response_metrics, split_loss
 from ..finetune.judge import DEFAULT_MODEL, DEFAULT_TIMEOUT, DEFAULT_URL, JudgeUnavailableError
+from .common import number
 
 
 def add_evaluate(subparsers):
@@ -21,7 +22,7 @@ def add_evaluate(subparsers):
     p.add_argument("--judge-model", default=DEFAULT_MODEL, help=f"the judge's model name (default {DEFAULT_MODEL})")
     p.add_argument("--judge-prompt", choices=sorted(JUDGE_PROMPTS), default="book",
                    help="book: the book's 0-100 score; rubric: a 1-5 scale with each score described")
-    p.add_argument("--judge-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--judge-timeout", type=number(minimum=0.0, above=True), default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help=f"longest wait for one answer (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -12,7 +12,8 @@ from ..finetune.instruct import (create_instruction_loaders, finetune_instruct, 
                                  split_loss, write_responses)
 from ..lora import merge_lora, save_lora
 from ..train import TrainingDivergedError, evaluate_model, plot_losses
-from .common import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, get_tokenizer, load_openai_gpt2
+from .common import (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, add_device_option, get_tokenizer, integer,
+                     load_openai_gpt2, number)
 
 # finetune instruct's settings and their defaults: the book's chapter 7 run.
 INSTRUCT_DEFAULTS = {
@@ -42,28 +43,28 @@ def add_instruct(tasks):
                         "a network, or a Hugging Face folder) or a checkpoint of this library "
                         f"(default {d['model']})")
     p.add_argument("--data", help=f"a registered data set or a JSON file of entries (default {d['data']})")
-    p.add_argument("--epochs", type=int, help=f"default {d['epochs']} (0: only the responses of the model as given)")
-    p.add_argument("--batch-size", type=int, help=f"default {d['batch_size']}")
-    p.add_argument("--accumulation-steps", type=int, metavar="K",
+    p.add_argument("--epochs", type=integer(minimum=0), help=f"default {d['epochs']} (0: only the responses of the model as given)")
+    p.add_argument("--batch-size", type=integer(minimum=1), help=f"default {d['batch_size']}")
+    p.add_argument("--accumulation-steps", type=integer(minimum=1), metavar="K",
                    help="add up the gradients of K batches per optimizer step (default 1)")
-    p.add_argument("--lr", type=float, help=f"AdamW's learning rate (default {d['lr']})")
-    p.add_argument("--weight-decay", type=float, help=f"default {d['weight_decay']}")
-    p.add_argument("--eval-freq", type=int, help=f"evaluate every this many steps (default {d['eval_freq']})")
-    p.add_argument("--eval-iter", type=int, help=f"batches per evaluation (default {d['eval_iter']})")
-    p.add_argument("--seed", type=int, help=f"seeds shuffling, dropout and the adapters (default {d['seed']})")
-    p.add_argument("--drop-rate", type=float, help=f"dropout while fine-tuning (default {d['drop_rate']}, the book's)")
-    p.add_argument("--allowed-max-length", type=int,
+    p.add_argument("--lr", type=number(minimum=0.0, above=True), help=f"AdamW's learning rate (default {d['lr']})")
+    p.add_argument("--weight-decay", type=number(minimum=0.0), help=f"default {d['weight_decay']}")
+    p.add_argument("--eval-freq", type=integer(minimum=1), help=f"evaluate every this many steps (default {d['eval_freq']})")
+    p.add_argument("--eval-iter", type=integer(minimum=1), help=f"batches per evaluation (default {d['eval_iter']})")
+    p.add_argument("--seed", type=integer(minimum=0), help=f"seeds shuffling, dropout and the adapters (default {d['seed']})")
+    p.add_argument("--drop-rate", type=number(minimum=0.0, maximum=1.0, below=True), help=f"dropout while fine-tuning (default {d['drop_rate']}, the book's)")
+    p.add_argument("--allowed-max-length", type=integer(minimum=1),
                    help="cut each training example to this many tokens (default 1024, at most the context)")
     p.add_argument("--mask-instruction", action="store_const", const=True,
                    help="exercise 7.2: the loss counts the response's tokens only")
-    p.add_argument("--lora-rank", type=int, metavar="R", help="train appendix E's rank-R adapters on every Linear "
+    p.add_argument("--lora-rank", type=integer(minimum=1), metavar="R", help="train appendix E's rank-R adapters on every Linear "
                                                               "instead of all weights")
-    p.add_argument("--lora-alpha", type=float, help="the adapters' alpha (default: the rank)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="the longest test response (default 256)")
-    p.add_argument("--response-batch-size", type=int, default=8, help="test prompts generated at once (default 8)")
+    p.add_argument("--lora-alpha", type=number(minimum=0.0, above=True), help="the adapters' alpha (default: the rank)")
+    p.add_argument("--max-new-tokens", type=integer(minimum=0), default=256, help="the longest test response (default 256)")
+    p.add_argument("--response-batch-size", type=integer(minimum=1), default=8, help="test prompts generated at once (default 8)")
     p.add_argument("--out", required=True, help="folder for the checkpoints, metrics, plot and responses")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT with its saved settings")
-    p.add_argument("--device", choices=backend.DEVICES, default=backend.default_device())
+    add_device_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run_instruct)
 
