@@ -6,7 +6,7 @@ import numpy as np
 from ..checkpoint import model_from_checkpoint
 from ..finetune.instruct import RESPONSE_HEAD, format_input
 from ..generate import generate_stream
-from .common import add_device_option, existing_file, get_tokenizer, integer, load_openai_gpt2, number
+from .common import add_sampling_options, existing_file, get_tokenizer, integer, load_openai_gpt2
 
 END_OF_TEXT = 50256
 
@@ -20,12 +20,7 @@ def add_chat(subparsers):
     which.add_argument("--checkpoint", type=existing_file, help="a checkpoint written by `finetune instruct` (or pretrain)")
     which.add_argument("--model", metavar="SIZE|DIR", help="OpenAI's GPT-2 (not instruction-tuned: for comparison)")
     p.add_argument("--max-new-tokens", type=integer(minimum=1), default=256, help="the longest response in tokens (default 256)")
-    p.add_argument("--temperature", type=number(minimum=0.0), default=0.0, help="0 (default) is greedy decoding")
-    p.add_argument("--top-k", type=integer(minimum=1), help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=number(minimum=0.0, maximum=1.0, above=True),
-                   help="sample among the most likely tokens holding this probability")
-    p.add_argument("--seed", type=integer(minimum=0), help="seed of the sampling (default: a fresh random one)")
-    add_device_option(p)
+    add_sampling_options(p)
     p.set_defaults(run=run_chat)
 
 

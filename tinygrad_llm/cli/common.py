@@ -99,6 +99,17 @@ def add_device_option(parser):
     parser.add_argument("--device", type=device, default=os.environ.get("TINYGRAD_LLM_DEVICE", "cpu"),
                         help="cpu, or cuda (cuda:0) with CuPy installed (default $TINYGRAD_LLM_DEVICE, else cpu)")
 
+
+def add_sampling_options(parser):
+    """--temperature, --top-k, --top-p, --seed and --device: how `generate` and `chat` sample."""
+    parser.add_argument("--temperature", type=number(minimum=0.0), default=0.0, help="0 (default) is greedy decoding")
+    parser.add_argument("--top-k", type=integer(minimum=1), help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=number(minimum=0.0, maximum=1.0, above=True),
+                        help="sample among the most likely tokens holding this probability")
+    parser.add_argument("--seed", type=integer(minimum=0), help="seed of the sampling (default: a fresh random one)")
+    add_device_option(parser)
+
+
 # A GPT small enough to train on The Verdict in a few minutes on two CPU cores. The GPT-2
 # vocabulary stays, so its text goes through the real tokenizer; most parameters are the
 # token embedding and the output head (2 x 50257 x 128).

@@ -3,7 +3,7 @@ import numpy as np
 
 from ..checkpoint import model_from_checkpoint
 from ..generate import generate_stream, text_to_token_ids
-from .common import START_CONTEXT, add_device_option, existing_file, get_tokenizer, integer, load_openai_gpt2, number
+from .common import START_CONTEXT, add_sampling_options, existing_file, get_tokenizer, integer, load_openai_gpt2
 
 
 def add_generate(subparsers):
@@ -19,12 +19,7 @@ def add_generate(subparsers):
                             "which needs a network) or a Hugging Face folder")
     p.add_argument("--prompt", default=START_CONTEXT, help=f"the text to continue (default {START_CONTEXT!r})")
     p.add_argument("--max-new-tokens", type=integer(minimum=0), default=50)
-    p.add_argument("--temperature", type=number(minimum=0.0), default=0.0, help="0 (default) is greedy decoding")
-    p.add_argument("--top-k", type=integer(minimum=1), help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=number(minimum=0.0, maximum=1.0, above=True),
-                   help="sample among the most likely tokens holding this probability")
-    p.add_argument("--seed", type=integer(minimum=0), help="seed of the sampling (default: a fresh random one)")
-    add_device_option(p)
+    add_sampling_options(p)
     p.set_defaults(run=run_generate)
 
 
