@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 import tinygrad_llm as tl
 from reference import classify as torch_classify
 from reference import gpt as torch_gpt
+from tests.classifier_twin import LR, assert_same_classifier_runs
 from tinygrad_llm.data import DataLoader
 from tinygrad_llm.finetune.classify import (SpamDataset, calc_accuracy_loader, calc_loss_batch, calc_loss_loader,
                                             classify_review, create_balanced_dataset, evaluate_model, load_sms_spam,
-                                            prepare_classifier, random_split,
-                                            train_classifier_simple)
+                                            prepare_classifier, random_split)
 from tinygrad_llm.tokenizers import get_gpt2_tokenizer
 
 # sha256 of json.dumps([train, val, test]) with rows as [label, text]: the split the book's own
@@ -166,19 +166,7 @@ def test_train_classifier_simple_matches_the_books_torch_loop(n_layers, heads, t
                               | {"out_head.weight": np.zeros((cfg["vocab_size"], cfg["emb_dim"]))})
     torch_classify.prepare_classifier(torch_model, {"weight": model.out_head.weight.numpy(),
                                                     "bias": model.out_head.bias.numpy()}, trainable)
-    ours = tl.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.1)
-    theirs = torch.optim.AdamW(torch_model.parameters(), lr=5e-3, weight_decay=0.1)
-    run = dict(num_epochs=2, eval_freq=3, eval_iter=2, token=token)  # 20 steps, 7 evaluations, 2 accuracies
-
-    got = train_classifier_simple(model, train_batches, val_batches, ours, "cpu", **run, progress=False)
-    expected = torch_classify.train_classifier_simple(torch_model, train_batches, val_batches, theirs, "cpu", **run)
-
-    # float64 agrees to rounding; float32 to its precision after 20 steps of AdamW
-    rtol = 1e-9 if dtype == "float64" else 1e-4
-    for name, ours_values, torch_values in zip(("train loss", "val loss"), got[:2], expected[:2]):
-        assert len(ours_values) == len(torch_values) == 7
-        np.testing.assert_allclose(ours_values, torch_values, rtol=rtol, err_msg=name)
-    assert got[2:] == expected[2:]  # the accuracies and the examples seen (60)
+    rtol = assert_same_classifier_runs(model, torch_model, train_batches, val_batches, dtype, token)
     torch_state = torch_gpt.from_torch_state_dict(torch_model.state_dict())
     for name, array in model.state_dict().items():
         atol = rtol * 1e-2
@@ -186,7 +174,7 @@ def test_train_classifier_simple_matches_the_books_torch_loop(n_layers, heads, t
             # Its gradient is 0 in exact arithmetic (q.b_k is the same for every key of a query, and
             # softmax ignores it), so both libraries step on rounding noise that AdamW scales up to
             # about lr: once that noise nears eps (float32), up to lr per step apart.
-            atol = 20 * 5e-3 if dtype == "float32" else atol
+            atol = 20 * LR if dtype == "float32" else atol
         np.testing.assert_allclose(array, torch_state[name], rtol=rtol * 10, atol=atol, err_msg=name)
     for name, p in model.named_parameters():
         assert (p.grad is None) == (not p.requires_grad), name

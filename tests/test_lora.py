@@ -13,12 +13,12 @@ from safetensors.numpy import save_file
 
 import tinygrad_llm as tl
 import tinygrad_llm.functional as F
-from reference import classify as torch_classify
 from reference import lora as torch_lora
 from reference.gpt import GPTModel as TorchGPTModel
 from reference.gpt import from_torch_state_dict, load_into_torch
+from tests.classifier_twin import assert_same_classifier_runs
 from tinygrad_llm import Tensor, nn, no_grad
-from tinygrad_llm.finetune.classify import prepare_classifier, train_classifier_simple
+from tinygrad_llm.finetune.classify import prepare_classifier
 from tinygrad_llm.lora import (LinearWithLoRA, LoRALayer, load_lora, lora_layers, merge_lora, replace_linear_with_lora,
                                save_lora)
 
@@ -402,20 +402,7 @@ def test_the_books_lora_fine_tune_matches_torch_step_for_step(n_layers, rank, al
         p.requires_grad = False
     torch_lora.replace_linear_with_lora(twin, rank=rank, alpha=alpha)
     load_into_torch(twin.to(torch.float64 if dtype == "float64" else torch.float32), model.state_dict())
-    # The book's optimizer call on every parameter: both skip the frozen ones (no .grad).
-    ours = tl.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.1)
-    theirs = torch.optim.AdamW(twin.parameters(), lr=5e-3, weight_decay=0.1)
-    run = dict(num_epochs=2, eval_freq=3, eval_iter=2, token=token)  # 20 steps, 7 evaluations, 2 accuracies
-
-    got = train_classifier_simple(model, train_batches, val_batches, ours, "cpu", **run, progress=False)
-    expected = torch_classify.train_classifier_simple(twin, train_batches, val_batches, theirs, "cpu", **run)
-
-    # float64 agrees to rounding; float32 to its precision after 20 AdamW steps
-    rtol = 1e-9 if dtype == "float64" else 1e-4
-    for name, ours_values, torch_values in zip(("train loss", "val loss"), got[:2], expected[:2]):
-        assert len(ours_values) == len(torch_values) == 7
-        np.testing.assert_allclose(ours_values, torch_values, rtol=rtol, err_msg=name)
-    assert got[2:] == expected[2:]  # the accuracies and the examples seen
+    rtol = assert_same_classifier_runs(model, twin, train_batches, val_batches, dtype, token)
     twin_state = from_torch_state_dict(twin.state_dict())
     for name, array in model.state_dict().items():
         # AdamW divides by sqrt(v): an entry whose gradients were ~0 moves by rounding-sized steps
