@@ -34,6 +34,7 @@ parser.add_argument("--raise-rank", type=int)
 parser.add_argument("--term-rank", type=int)
 args = parser.parse_args()
 
+distributed.supervise_rank()
 world = distributed.current()
 text = tl.datasets.path("the-verdict").read_text(encoding="utf-8")[:6000]
 loader = DataLoader(GPTDatasetV1(text, get_gpt2_tokenizer("tiktoken"), 8, 8), args.batch * world.size, shuffle=True,

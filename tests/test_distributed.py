@@ -4,6 +4,7 @@ Needs the [distributed] extra (mpi4py and MPICH's mpiexec); skipped without it.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def test_a_killed_rank_ends_the_job_within_seconds_and_the_checkpoint_loads(tmp_
                  tmp_path / "ckpt.safetensors", "--kill-rank", 1, "--kill-at-step", 3, cwd=tmp_path, timeout=120)
     assert time.monotonic() - started < 60
     assert result.returncode != 0
-    assert "BAD TERMINATION" in result.stdout + result.stderr and "signal 9" in result.stdout + result.stderr
+    assert re.search(r"rank 1 of 2 \(process id \d+\) was killed by SIGKILL", result.stderr), result.stderr
     metadata = tl.load_checkpoint(tmp_path / "ckpt.safetensors", tl.GPTModel(
         {"vocab_size": 50257, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0,
          "qkv_bias": False}))

@@ -9,7 +9,9 @@ MPI Allreduce over one flat buffer and divides by N: with a loss that is a mean 
 rows of equal weight (pretraining's cross-entropy), that is the gradient of the global
 batch, so every rank takes the same optimizer step and the weights stay identical.
 Rank 0 alone writes checkpoints, the metrics log and the progress bar. Each rank draws
-its own dropout masks, from a generator seeded with (seed, rank).
+its own dropout masks, from a generator seeded with (seed, rank). A rank that raises
+ends every rank naming itself (`World.ending_together`); one killed by a signal is named
+by its supervisor process (`supervise_rank`).
 
 The ranks are found from the environment mpiexec sets (MPICH's PMI_SIZE, Open MPI's
 OMPI_COMM_WORLD_SIZE); a process started without mpiexec is rank 0 of 1 and never
@@ -18,7 +20,9 @@ installs MPICH's mpiexec.
 """
 import contextlib
 import functools
+import ctypes
 import os
+import signal
 import sys
 import time
 
@@ -27,6 +31,10 @@ import numpy as np
 from . import backend
 
 RANK_COUNT_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
+SUPERVISED = "TINYGRAD_LLM_SUPERVISED"  # set in a rank's worker process: it is supervised already
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 
 
 class World:
@@ -109,6 +117,48 @@ def launched_ranks():
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
     return 1
+
+
+def launched_rank():
+    """This process's rank as mpiexec announced it in the environment (0 when started without it)."""
+    for name in RANK_VARIABLES:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def supervise_rank():
+    """Under mpiexec with several ranks: go on in a child process, and stay as its supervisor.
+
+    A rank killed without a word (SIGKILL, the kernel's out-of-memory killer) cannot say
+    who it was, and mpiexec names only the process id of what it started. So the process
+    mpiexec started forks: the child returns from this call and runs the rank; the parent
+    forwards the signals a job gets (Ctrl-C, SIGTERM) to it, waits, and when the child is
+    killed by a signal prints which rank died and exits as it did, which makes mpiexec end
+    every rank. The child dies with its parent (PR_SET_PDEATHSIG), so killing a
+    supervisor leaves no rank behind. Call it first, before MPI starts; it returns at once
+    in a process of its own, off Linux, or in a rank already supervised.
+    """
+    if launched_ranks() == 1 or os.environ.get(SUPERVISED) or not sys.platform.startswith("linux"):
+        return
+    os.environ[SUPERVISED] = "1"
+    parent = os.getpid()
+    child = os.fork()
+    if child == 0:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the supervisor died before prctl took effect
+            os._exit(1)
+        os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor alone, which passes it on once
+        return
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, lambda signum, frame: os.kill(child, signum))
+    _, status = os.waitpid(child, 0)  # retried after each forwarded signal (PEP 475)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) not in FORWARDED_SIGNALS:
+        name = signal.Signals(os.WTERMSIG(status)).name
+        print(f"rank {launched_rank()} of {launched_ranks()} (process id {child}) was killed by {name}"
+              f"{' (the out-of-memory killer sends it too)' if name == 'SIGKILL' else ''}; ending every rank",
+              file=sys.stderr, flush=True)
+    os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
 
 
 @functools.cache

@@ -184,6 +184,7 @@ def pretrain_loaders(s, world):
 
 def run_pretrain(args):
     checkpoint = os.path.join(args.out, CHECKPOINT_NAME)
+    distributed.supervise_rank()
     world = distributed.current()
     if world.rank > 0:
         sys.stdout = open(os.devnull, "w")  # rank 0 alone prints (and writes the checkpoint and the log)
@@ -206,7 +207,7 @@ def run_pretrain(args):
     print(f"{'Resuming' if args.resume else 'Training'} a {counts['total']:,}-parameter GPT on {s['data']} "
           f"({len(train_loader)} batches of {s['batch_size']}x{s['context_length']} tokens per epoch"
           f"{f' on each of {world.size} ranks' if world.size > 1 else ''}, {s['epochs']} epochs) -> {checkpoint}")
-    if world.size > 1:  # mpiexec names a rank that dies by its process id
+    if world.size > 1:  # mpiexec's own messages name processes by their ids
         print("Process ids by rank: " + ", ".join(f"{rank}: {pid}" for rank, pid in enumerate(world.gather(os.getpid()))))
 
     started = time.perf_counter()
