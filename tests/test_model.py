@@ -154,6 +154,36 @@ def test_ten_adamw_steps_with_clipping_match_torch(case, device):
         assert_close(value, expected_weights[name], np.float64, f"weight {name} after 10 steps")
 
 
+# ---- logits at chosen positions -------------------------------------------------------------
+
+
+@few
+@given(case=gpt_cases(), data=st.data())
+def test_logits_at_a_mask_are_those_rows_of_the_full_logits_with_their_gradients(case, data):
+    # The head and the final norm work row by row, so picking the rows first changes no
+    # number: float64 agrees to rounding; the gradients of the rows left out are zero.
+    cfg, idx, _, seed = case
+    mask = np.array(data.draw(st.lists(st.booleans(), min_size=idx.size, max_size=idx.size))).reshape(idx.shape)
+    weights = np.random.default_rng(seed).standard_normal((int(mask.sum()), cfg["vocab_size"]))
+    full, picked = (tl.GPTModel(cfg, dtype="float64", seed=seed) for _ in range(2))
+    (full(idx)[mask] * weights).sum().backward()
+    logits = picked(idx, logits_at=mask)
+    assert logits.shape == (int(mask.sum()), cfg["vocab_size"])
+    (logits * weights).sum().backward()
+    assert_close(logits.numpy(), full(idx).numpy()[mask], np.float64, "logits at the mask")
+    largest = max(float(np.abs(q.grad).max(initial=0.0)) for q in full.parameters())  # see TOLERANCE
+    for (name, p), q in zip(picked.named_parameters(), full.parameters()):
+        assert_close(p.grad, q.grad, np.float64, f"gradient of {name}", scale=largest)
+
+
+@pytest.mark.parametrize("mask, expected", [(np.ones((1, 3), np.int64), "got int64 of shape \\(1, 3\\)"),
+                                            (np.ones((1, 2), bool), "got bool of shape \\(1, 2\\)")])
+def test_logits_at_must_be_a_bool_mask_of_the_ids_shape(mask, expected):
+    model = tl.GPTModel(tiny_config(), seed=0)
+    with pytest.raises(ValueError, match=r"logits_at must be a bool mask of the token ids' shape \(1, 3\), " + expected):
+        model(np.zeros((1, 3), np.int64), logits_at=mask)
+
+
 # ---- the KV cache ------------------------------------------------------------------------
 
 

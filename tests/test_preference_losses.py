@@ -106,6 +106,29 @@ def test_unselected_labels_may_be_any_value():
     np.testing.assert_allclose(out.numpy(), [np.log(1 / 5)])
 
 
+@FEW
+@given(data=st.data(), reduction=st.sampled_from(["mean", "sum"]))
+def test_a_batchs_logprobs_from_the_selected_positions_alone_equal_those_from_all_logits(data, reduction):
+    # compute_dpo_loss_batch runs the head only where a selected label is predicted; the
+    # book's way runs it everywhere and masks. float64: the same sums in another order.
+    import tinygrad_llm as tl
+
+    cfg = {"vocab_size": 37, "context_length": 8, "emb_dim": 8, "n_heads": 2, "n_layers": 1, "drop_rate": 0.0}
+    batch, tokens = data.draw(st.integers(1, 3)), data.draw(st.integers(2, 8))
+    labels = data.draw(hnp.arrays(np.int64, (batch, tokens), elements=st.integers(0, 36)))
+    mask = data.draw(masks((batch, tokens)))
+    model = tl.GPTModel(cfg, dtype="float64", seed=0)
+    picked = preference._sequence_logprobs(model, {"chosen": labels, "chosen_mask": mask}, "chosen", reduction)
+    picked.sum().backward()
+    picked_grads = [p.grad.copy() for p in model.parameters()]
+    model.zero_grad()
+    everywhere = preference.compute_logprobs(model(labels), labels, mask, reduction)
+    everywhere.sum().backward()
+    np.testing.assert_allclose(picked.numpy(), everywhere.numpy(), rtol=1e-12, atol=1e-12)
+    for p, grad in zip(model.parameters(), picked_grads):
+        np.testing.assert_allclose(grad, p.grad, rtol=1e-10, atol=1e-12)
+
+
 @st.composite
 def dpo_cases(draw):
     batch = draw(st.integers(1, 4))

@@ -174,6 +174,36 @@ def test_losses_match_the_books_torch_loss():
     assert model.training and np.isfinite([train_loss, val_loss]).all()
 
 
+def test_ignored_targets_cost_no_logits_and_leave_the_loss_as_the_books(monkeypatch):
+    # Chapter 7's batches mark padding -100: the head runs on the kept rows alone, and the
+    # loss and gradients are torch's cross_entropy(ignore_index=-100) over all the logits.
+    from reference import gpt as torch_gpt
+
+    cfg = {**CFG, "drop_rate": 0.0}
+    model = tl.GPTModel(cfg, dtype="float64", seed=0)
+    torch_model = torch_gpt.GPTModel(cfg).double()
+    torch_gpt.load_into_torch(torch_model, model.state_dict())
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(0, cfg["vocab_size"], (3, 6))
+    targets = rng.integers(0, cfg["vocab_size"], (3, 6))
+    targets[0, 4:], targets[2, 1:] = -100, -100
+    head_rows = []
+    head = model.out_head.forward
+    monkeypatch.setattr(model.out_head, "forward", lambda x: head_rows.append(x.shape[0]) or head(x))
+    loss = calc_loss_batch(inputs, targets, model, None)
+    loss.backward()
+    assert head_rows == [int((targets != -100).sum())]
+    expected = torch.nn.functional.cross_entropy(torch_model(torch.tensor(inputs)).flatten(0, 1),
+                                                 torch.tensor(targets).flatten())
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    expected_grads = {name: p.grad.numpy() for name, p in torch_model.named_parameters()}
+    np.testing.assert_allclose(model.out_head.weight.grad, expected_grads["out_head.weight"],
+                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(model.tok_emb.weight.grad, expected_grads["tok_emb.weight"],
+                               rtol=1e-9, atol=1e-12)
+
+
 def test_device_mismatch_is_named():
     model, _, train_loader, _ = setup()
     inputs, targets = next(iter(train_loader))

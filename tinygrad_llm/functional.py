@@ -246,8 +246,9 @@ def layer_norm_backward(dout, cache, needs_grad=(True, True, True)):
     partial_sums = cpu.parallel_map(_layer_norm_backward_rows, [(d2[r], xhat[r], scale, rstd[r], dx[r])
                                                                 for r in cpu.row_blocks(*xhat.shape, xp)],
                                     uses_blas=True)
-    dscale = sum(block_dscale for block_dscale, _ in partial_sums)
-    dshift = sum(block_dshift for _, block_dshift in partial_sums)
+    no_rows = xp.zeros(xhat.shape[1], xhat.dtype)  # the sums' start, and the whole of them for no rows
+    dscale = sum((block_dscale for block_dscale, _ in partial_sums), no_rows)
+    dshift = sum((block_dshift for _, block_dshift in partial_sums), no_rows)
     return dx.reshape(dout.shape), dscale if needs_grad[1] else None, dshift if needs_grad[2] else None
 
 

@@ -277,9 +277,13 @@ class GPTModel(Module):
         max_length = self.cfg["context_length"] if max_length is None else max_length
         return KVCache(self.cfg, batch_size, max_length, self.dtype, self.device, padding)
 
-    def forward(self, in_idx, cache=None):
+    def forward(self, in_idx, cache=None, logits_at=None):
         # in_idx: (B, T) token ids  ->  logits (B, T, vocab_size). Ids on the host stay there
         # until the embedding has checked them, then go to the model's device in one copy.
+        # logits_at: an optional (B, T) bool mask; then only the positions where it is true
+        # get logits, (N, vocab_size) in row-major order. The head is a third of GPT-2 124M's
+        # work per position, and a loss that reads few positions (DPO's responses, the
+        # targets that are not padding) needs no head, and no backward of it, anywhere else.
         idx = in_idx.data if isinstance(in_idx, Tensor) else in_idx
         idx = idx if backend.device_of(idx) == "cuda" else np.asarray(idx)
         if idx.ndim != 2:
@@ -304,4 +308,13 @@ class GPTModel(Module):
             x = block(x, cache, layer)
         if cache is not None:
             cache.length += seq_len
+        if logits_at is not None:
+            logits_at = logits_at.data if isinstance(logits_at, Tensor) else logits_at
+            logits_at = logits_at if backend.device_of(logits_at) == "cuda" else np.asarray(logits_at)
+            if logits_at.shape != idx.shape or logits_at.dtype != bool:
+                raise ValueError(f"logits_at must be a bool mask of the token ids' shape {idx.shape}, "
+                                 f"got {logits_at.dtype} of shape {logits_at.shape}")
+            # A bool mask picks each row once, so the backward assigns rather than adds up.
+            rows = backend.to_device(logits_at.reshape(-1), self.device)
+            x = x.reshape(-1, x.shape[-1])[rows]  # (N, C); the final norm works row by row
         return self.out_head(self.final_norm(x))
