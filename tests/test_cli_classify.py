@@ -101,8 +101,8 @@ def test_classify_refuses_a_checkpoint_that_is_no_classifier(files):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--epochs", "-1"], "--epochs must be >= 0"),
-    (["--lr", "0"], "--lr must be a positive number"),
+    (["--epochs", "-1"], "argument --epochs: value must be an integer >= 1, got -1"),
+    (["--lr", "0"], "argument --lr: value must be > 0.0, got 0.0"),
     (["--lora-alpha", "8"], "--lora-alpha needs --lora-rank"),
     (["--max-length", "64"], "more than the model's context of 32"),
     (["--model", "no-such-model"], "neither a GPT-2 size"),

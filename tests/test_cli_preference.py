@@ -70,9 +70,10 @@ def test_ppo_with_a_toy_token_reward(start, tmp_path):
 
 
 def test_bad_options_and_data_are_refused_without_a_traceback(start, data, tmp_path, capsys):
-    assert main(["finetune", "dpo", "--model", str(start), "--out", str(tmp_path / "a"), "--beta", "0",
-                 *quick(data)]) == 2
-    assert "beta must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # argparse's usage error, before the model is loaded
+        main(["finetune", "dpo", "--model", str(start), "--out", str(tmp_path / "a"), "--beta", "0", *quick(data)])
+    assert refused.value.code == 2 and "argument --beta: value must be > 0.0, got 0.0" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
     same = tmp_path / "same.json"
     same.write_text(json.dumps([{"instruction": "Say hi.", "input": "", "chosen": "Hi!", "rejected": "Hi!"}] * 20))
     assert main(["finetune", "dpo", "--model", str(start), "--out", str(tmp_path / "b"), *quick(same)]) == 2

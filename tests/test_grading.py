@@ -146,14 +146,17 @@ def test_exercises_lists_every_exercise(capsys):
     assert all(e.signature in out for e in EXERCISES.values())
 
 
-def test_grade_refuses_bad_arguments(tmp_path, capsys):
+@pytest.mark.parametrize("args, message", [
+    (["missing.py"], "argument SOLUTION.py: {tmp}/missing.py does not exist"),
+    (["s.py", "--exercise", "softmax_backwards"], "unknown exercise 'softmax_backwards'"),
+    (["s.py", "--timeout", "0"], "argument --timeout: value must be > 0.0"),
+])
+def test_grade_refuses_bad_arguments(tmp_path, args, message):
     (tmp_path / "s.py").write_text("def softmax_backward(dout, y):\n    return dout\n")
-    assert main(["grade", str(tmp_path / "missing.py")]) == 2
-    assert main(["grade", str(tmp_path / "s.py"), "--exercise", "softmax_backwards"]) == 2
-    assert main(["grade", str(tmp_path / "s.py"), "--timeout", "0"]) == 2
-    err = capsys.readouterr().err
-    assert "no solution file" in err and "unknown exercise 'softmax_backwards'" in err and "--timeout" in err
-    assert "Traceback" not in err
+    run = subprocess.run([sys.executable, "-m", "tinygrad_llm", "grade", *(str(tmp_path / args[0]), *args[1:])],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert run.returncode == 2 and message.format(tmp=tmp_path) in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_a_syntax_error_is_reported_for_every_exercise(tmp_path):

@@ -597,22 +597,88 @@ def test_generate_refuses_a_bad_option_value_naming_it(cli_files, option, value,
     assert_refused(result, f"argument {option}", message)
 
 
+# What each command needs besides the option under test; {checkpoint} is a finished run's
+# checkpoint, {file} a file that exists, {missing} a file that does not, {out} a folder that
+# must not appear (nothing may be written before the options are checked).
+REQUIRED_OPTIONS = {
+    "chat": ["--checkpoint", "{checkpoint}"],
+    "evaluate": ["--responses", "{file}"],
+    "finetune instruct": ["--out", "{out}"],
+    "finetune classify": ["--model", "{checkpoint}", "--out", "{out}"],
+    "finetune dpo": ["--model", "{checkpoint}", "--out", "{out}"],
+    "finetune reward": ["--model", "{checkpoint}", "--out", "{out}"],
+    "finetune ppo": ["--model", "{checkpoint}", "--out", "{out}", "--reward-tokens", "yes"],
+    "grade": ["{file}"],
+    "prepare": ["--data", "{file}", "--out", "{out}"],
+    "exercises": ["--stub", "bpe_merge"],
+}
+
+
 @pytest.mark.parametrize("command, option, value, message", [
-    (["chat"], "--temperature", "nan", "value must be a finite number >= 0.0, got nan"),
-    (["chat"], "--top-k", "0", "value must be an integer >= 1"),
-    (["chat"], "--max-new-tokens", "0", "value must be an integer >= 1"),
-    (["chat"], "--device", "tpu", "unknown device 'tpu'"),
-    (["finetune", "instruct"], "--lr", "-1", "value must be > 0.0, got -1.0"),
-    (["finetune", "instruct"], "--epochs", "-1", "value must be an integer >= 0"),
-    (["finetune", "instruct"], "--drop-rate", "1", "value must be >= 0.0 and < 1.0, got 1.0"),
-    (["finetune", "instruct"], "--lora-rank", "0", "value must be an integer >= 1"),
-    (["evaluate"], "--judge-timeout", "0", "value must be > 0.0, got 0.0"),
+    ("chat", "--temperature", "nan", "value must be a finite number >= 0.0, got nan"),
+    ("chat", "--top-k", "0", "value must be an integer >= 1"),
+    ("chat", "--max-new-tokens", "0", "value must be an integer >= 1"),
+    ("chat", "--device", "tpu", "unknown device 'tpu'"),
+    ("finetune instruct", "--lr", "-1", "value must be > 0.0, got -1.0"),
+    ("finetune instruct", "--epochs", "-1", "value must be an integer >= 0"),
+    ("finetune instruct", "--drop-rate", "1", "value must be >= 0.0 and < 1.0, got 1.0"),
+    ("finetune instruct", "--lora-rank", "0", "value must be an integer >= 1"),
+    ("evaluate", "--judge-timeout", "0", "value must be > 0.0, got 0.0"),
+    ("finetune classify", "--epochs", "0", "value must be an integer >= 1, got 0"),
+    ("finetune classify", "--lr", "nan", "value must be a finite number > 0.0, got nan"),
+    ("finetune classify", "--weight-decay", "-0.1", "value must be >= 0.0, got -0.1"),
+    ("finetune classify", "--batch-size", "0", "value must be an integer >= 1, got 0"),
+    ("finetune classify", "--accumulation-steps", "0", "value must be an integer >= 1, got 0"),
+    ("finetune classify", "--max-length", "0", "value must be an integer >= 1, got 0"),
+    ("finetune classify", "--eval-freq", "0", "value must be an integer >= 1, got 0"),
+    ("finetune classify", "--eval-iter", "0", "value must be an integer >= 1, got 0"),
+    ("finetune classify", "--lora-rank", "0", "value must be an integer >= 1, got 0"),
+    ("finetune classify", "--lora-alpha", "0", "value must be > 0.0, got 0.0"),
+    ("finetune classify", "--seed", "-1", "value must be an integer >= 0, got -1"),
+    ("finetune classify", "--data", "{missing}", "missing.tsv does not exist"),
+    ("finetune classify", "--out", "{file}", "is a file, not a folder"),
+    ("finetune dpo", "--beta", "nan", "value must be a finite number > 0.0, got nan"),
+    ("finetune dpo", "--epochs", "0", "value must be an integer >= 1, got 0"),
+    ("finetune dpo", "--batch-size", "0", "value must be an integer >= 1, got 0"),
+    ("finetune dpo", "--lr", "-1", "value must be > 0.0, got -1.0"),
+    ("finetune dpo", "--weight-decay", "-1", "value must be >= 0.0, got -1.0"),
+    ("finetune dpo", "--eval-freq", "0", "value must be an integer >= 1, got 0"),
+    ("finetune dpo", "--eval-iter", "0", "value must be an integer >= 1, got 0"),
+    ("finetune dpo", "--max-steps", "0", "value must be an integer >= 1, got 0"),
+    ("finetune dpo", "--seed", "-1", "value must be an integer >= 0, got -1"),
+    ("finetune dpo", "--data", "{missing}", "missing.tsv does not exist"),
+    ("finetune dpo", "--out", "{file}", "is a file, not a folder"),
+    ("finetune reward", "--lr", "0", "value must be > 0.0, got 0.0"),
+    ("finetune reward", "--epochs", "0", "value must be an integer >= 1, got 0"),
+    ("finetune ppo", "--steps", "0", "value must be an integer >= 1, got 0"),
+    ("finetune ppo", "--batch-size", "0", "value must be an integer >= 1, got 0"),
+    ("finetune ppo", "--response-length", "0", "value must be an integer >= 1, got 0"),
+    ("finetune ppo", "--lr", "0", "value must be > 0.0, got 0.0"),
+    ("finetune ppo", "--kl-coef", "-0.1", "value must be >= 0.0, got -0.1"),
+    ("finetune ppo", "--target-kl", "0", "value must be > 0.0, got 0.0"),
+    ("finetune ppo", "--ppo-epochs", "0", "value must be an integer >= 1, got 0"),
+    ("finetune ppo", "--reward-tokens", "", "a text whose tokens the toy reward counts"),
+    ("finetune ppo", "--reward-model", "{missing}", "missing.tsv does not exist"),
+    ("grade", "--timeout", "0", "value must be > 0.0 and <= 86400.0, got 0.0"),
+    ("grade", "--timeout", "1e20", "value must be > 0.0 and <= 86400.0, got 1e+20"),
+    ("grade", "--memory", "512", "value must be an integer >= 1024 and <= 16777216, got 512"),
+    ("grade", "--max-examples", "0", "value must be an integer >= 1, got 0"),
+    ("grade", "--jobs", "0", "value must be an integer >= 1, got 0"),
+    ("grade", "--seed", "-1", "value must be an integer >= 0, got -1"),
+    ("grade", "--weight", "softmax_backward=-1", "the points of softmax_backward must be > 0.0, got -1.0"),
+    ("grade", "--weight", "softmax_backward", "expected NAME=POINTS, such as softmax_backward=2"),
+    ("grade", "--json", "{folder}", "is a folder, not a file"),
+    ("prepare", "--shard-tokens", "1.5", "expected an integer, got '1.5'"),
+    ("prepare", "--processes", "0", "value must be an integer >= 1, got 0"),
+    ("prepare", "--data", "{missing}", "missing.tsv does not exist"),
+    ("prepare", "--out", "{file}", "is a file, not a folder"),
+    ("exercises", "--out", "{folder}", "is a folder, not a file"),
 ])
-def test_chat_instruct_and_evaluate_refuse_a_bad_option_value_before_any_work(cli_files, tmp_path, command, option,
-                                                                              value, message):
-    given = {"chat": ["--checkpoint", cli_files / "run" / "checkpoint.safetensors"],
-             "finetune": ["--out", tmp_path / "run"], "evaluate": ["--responses", tmp_path / "responses.json"]}
-    assert_refused(run_cli(*command, *given[command[0]], option, value), f"argument {option}", message)
+def test_a_bad_option_value_is_refused_before_any_work(cli_files, tmp_path, command, option, value, message):
+    places = {"checkpoint": cli_files / "run" / "checkpoint.safetensors", "file": cli_files / "text.txt",
+              "missing": tmp_path / "missing.tsv", "out": tmp_path / "run", "folder": tmp_path}
+    args = [arg.format(**places) for arg in (*command.split(), *REQUIRED_OPTIONS[command], option, value)]
+    assert_refused(run_cli(*args), f"argument {option}", message.format(**places))
     assert not (tmp_path / "run").exists()
 
 
@@ -620,7 +686,7 @@ def test_chat_names_a_missing_checkpoint(tmp_path):
     assert_refused(run_cli("chat", "--checkpoint", tmp_path / "missing.safetensors"), "missing.safetensors")
 
 
-@pytest.mark.parametrize("command", ["generate", "info"])
+@pytest.mark.parametrize("command", ["generate", "info", "classify"])
 def test_a_missing_checkpoint_is_named_at_once(tmp_path, command):
     assert_refused(run_cli(command, "--checkpoint", tmp_path / "nothing.safetensors"), "--checkpoint",
                    tmp_path / "nothing.safetensors", "does not exist")

@@ -161,6 +161,18 @@ def test_an_empty_folder_is_refused(tmp_path):
         prepare(tmp_path / "empty", tmp_path / "out", progress=False)
 
 
+@pytest.mark.parametrize("data, shard_tokens, message", [
+    ("missing", 100, "missing is neither a file nor a folder"),
+    ("empty", 0, "shard_tokens must be a whole number >= 1, got 0"),
+    ("empty", 2.5, "shard_tokens must be a whole number >= 1, got 2.5"),
+])
+def test_prepare_refuses_a_missing_input_or_a_bad_shard_size(tmp_path, data, shard_tokens, message):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardError, match=message):
+        prepare(tmp_path / data, tmp_path / "out", shard_tokens=shard_tokens, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_binary_file_is_named(tmp_path):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text("fine", encoding="utf-8")
@@ -216,9 +228,9 @@ def test_prepare_then_pretrain_from_the_command_line(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--data", "missing-folder"], "missing-folder is neither a file nor a folder"),
+    (["--data", "missing-folder"], "argument --data: missing-folder does not exist"),
     (["--data", "empty"], "empty holds no files"),
-    (["--data", "empty", "--shard-tokens", "0"], "--shard-tokens must be a number of tokens >= 1"),
+    (["--data", "empty", "--shard-tokens", "0"], "argument --shard-tokens: value must be an integer >= 1, got 0"),
 ])
 def test_prepare_refuses_bad_input_in_one_line(tmp_path, args, message):
     (tmp_path / "empty").mkdir()

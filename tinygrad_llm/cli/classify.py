@@ -2,7 +2,7 @@
 import sys
 
 from ..finetune.classify import classify_review, load_classifier
-from .common import add_device_option, get_tokenizer
+from .common import add_device_option, existing_file, get_tokenizer
 
 
 def add_classify(subparsers):
@@ -10,7 +10,8 @@ def add_classify(subparsers):
         "classify", help="classify texts with a fine-tuned classifier (the book's classify_review)",
         description="Print the class of each text: the --text ones, else one text per line of standard input. "
                     "A text longer than the classifier's max_length is cut to it, as the book does.")
-    p.add_argument("--checkpoint", required=True, help="a classifier written by `tinygrad-llm finetune classify`")
+    p.add_argument("--checkpoint", required=True, type=existing_file,
+                   help="a classifier written by `tinygrad-llm finetune classify`")
     p.add_argument("--text", action="append", help="a text to classify (repeatable)")
     add_device_option(p)
     p.set_defaults(run=run_classify)

@@ -57,6 +57,15 @@ def existing_file(text):
     return text
 
 
+def existing_file_or_folder(text):
+    """An option type: a file or a folder that exists."""
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    if not os.path.isfile(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is neither a file nor a folder")
+    return text
+
+
 def _nearest_folder(path):
     folder = os.path.abspath(path)
     while not os.path.exists(folder):

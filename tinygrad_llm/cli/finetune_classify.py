@@ -14,7 +14,8 @@ from ..finetune.classify import (TOKENS, TRAINABLE, SpamDataset, calc_accuracy_l
 from ..model import GPT2_PRESETS, GPT2_SIZES, GPTModel
 from ..optim import AdamW
 from ..train import TrainingDivergedError
-from .common import METRICS_NAME, add_device_option, get_tokenizer, load_openai_gpt2
+from .common import (METRICS_NAME, add_device_option, existing_file, get_tokenizer, integer, load_openai_gpt2,
+                     number, output_folder)
 
 CLASSIFIER_NAME = "classifier.safetensors"
 ACCURACY_NAME = "accuracy.json"
@@ -31,45 +32,38 @@ def add_classify_task(tasks):
     p.add_argument("--model", default="gpt2-small", metavar="SIZE|DIR|CHECKPOINT",
                    help="OpenAI's GPT-2 (gpt2-small ... gpt2-xl or 124M ..., downloaded on first use), a Hugging "
                         "Face folder, or a checkpoint of `tinygrad-llm pretrain` (default gpt2-small)")
-    p.add_argument("--data", help="a file in the SMS Spam Collection's format (label TAB text per line; default: "
-                                  "the registry's sms-spam-collection)")
+    p.add_argument("--data", type=existing_file,
+                   help="a file in the SMS Spam Collection's format (label TAB text per line; default: "
+                        "the registry's sms-spam-collection)")
     p.add_argument("--trainable", choices=TRAINABLE, default="last-block",
                    help="what is trained besides the new head: last-block (and the final norm, the book's), "
                         "last-2, all, head (default last-block)")
     p.add_argument("--token", choices=TOKENS, default="last",
                    help="the position classified: last (the book's), last-real (the last non-pad token), mean")
-    p.add_argument("--lora-rank", type=int, metavar="R", help="train LoRA adapters of rank R on every Linear "
-                                                             "instead (appendix E; --trainable is then ignored)")
-    p.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA's alpha (default: the rank)")
-    p.add_argument("--epochs", type=int, default=5, help="default 5")
-    p.add_argument("--lr", type=float, default=5e-5, help="AdamW's learning rate (default 5e-5)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="default 0.1")
-    p.add_argument("--batch-size", type=int, default=8, help="default 8")
-    p.add_argument("--accumulation-steps", type=int, default=1, help="micro-batches per step (default 1)")
-    p.add_argument("--max-length", type=int, help="tokens per text (default: the longest training text, 120 "
-                                                  "for the book's split)")
-    p.add_argument("--eval-freq", type=int, default=50, help="default 50")
-    p.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation (default 5)")
-    p.add_argument("--seed", type=int, default=123, help="seeds the new head, shuffling and dropout (default 123)")
-    p.add_argument("--out", required=True, help="folder for the classifier, the metrics log and the plots")
+    p.add_argument("--lora-rank", type=integer(minimum=1), metavar="R",
+                   help="train LoRA adapters of rank R on every Linear instead (appendix E; --trainable is then "
+                        "ignored)")
+    p.add_argument("--lora-alpha", type=number(minimum=0.0, above=True), metavar="A",
+                   help="LoRA's alpha (default: the rank)")
+    p.add_argument("--epochs", type=integer(minimum=1), default=5, help="default 5")
+    p.add_argument("--lr", type=number(minimum=0.0, above=True), default=5e-5,
+                   help="AdamW's learning rate (default 5e-5)")
+    p.add_argument("--weight-decay", type=number(minimum=0.0), default=0.1, help="default 0.1")
+    p.add_argument("--batch-size", type=integer(minimum=1), default=8, help="default 8")
+    p.add_argument("--accumulation-steps", type=integer(minimum=1), default=1,
+                   help="micro-batches per step (default 1)")
+    p.add_argument("--max-length", type=integer(minimum=1),
+                   help="tokens per text (default: the longest training text, 120 for the book's split; at most "
+                        "the model's context)")
+    p.add_argument("--eval-freq", type=integer(minimum=1), default=50, help="default 50")
+    p.add_argument("--eval-iter", type=integer(minimum=1), default=5, help="batches per evaluation (default 5)")
+    p.add_argument("--seed", type=integer(minimum=0), default=123,
+                   help="seeds the new head, shuffling and dropout (default 123)")
+    p.add_argument("--out", required=True, type=output_folder,
+                   help="folder for the classifier, the metrics log and the plots")
     add_device_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run_classify_task)
-
-
-def _check_options(args):
-    for name in ("epochs", "batch_size", "accumulation_steps", "eval_freq", "eval_iter", "max_length", "lora_rank"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "epochs" else 1):
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= {0 if name == 'epochs' else 1}, got {value}")
-    for name in ("lr", "lora_alpha"):
-        value = getattr(args, name)
-        if value is not None and not 0 < value < float("inf"):
-            raise SystemExit(f"--{name.replace('_', '-')} must be a positive number, got {value}")
-    if not 0 <= args.weight_decay < float("inf"):
-        raise SystemExit(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if args.lora_alpha is not None and args.lora_rank is None:
-        raise SystemExit("--lora-alpha needs --lora-rank")
 
 
 def _base_model(source):
@@ -86,7 +80,8 @@ def _base_model(source):
 
 
 def run_classify_task(args):
-    _check_options(args)
+    if args.lora_alpha is not None and args.lora_rank is None:
+        raise SystemExit("--lora-alpha needs --lora-rank")
     started = time.perf_counter()
     tokenizer = get_tokenizer()
     train_rows, val_rows, test_rows = random_split(create_balanced_dataset(load_sms_spam(args.data)), 0.7, 0.1)

@@ -6,6 +6,7 @@ reward model from `finetune reward` (--reward-model) or, as a toy task, by the s
 response tokens that are among the tokens of --reward-tokens. Each writes its checkpoint,
 its metrics log and its plots to --out.
 """
+import argparse
 import json
 import os
 import signal
@@ -21,7 +22,8 @@ from ..model import MultiHeadAttention
 from ..nn import Dropout
 from ..optim import AdamW
 from ..train import TrainingDivergedError
-from .common import CHECKPOINT_NAME, METRICS_NAME, add_device_option, get_tokenizer, load_openai_gpt2
+from .common import (CHECKPOINT_NAME, METRICS_NAME, add_device_option, existing_file, get_tokenizer, integer,
+                     load_openai_gpt2, number, output_folder)
 
 REWARD_MODEL_NAME = "reward_model.safetensors"
 
@@ -31,9 +33,10 @@ def _add_common(subparsers, name, help_text, run):
     p.add_argument("--model", required=True, metavar="CHECKPOINT",
                    help="the model to start from: a checkpoint (e.g. OUT/model.safetensors of `finetune instruct`), "
                         "or OpenAI's GPT-2 by size (gpt2-medium, 355M, ...) or a Hugging Face folder")
-    p.add_argument("--out", required=True, help="folder for the checkpoint, metrics and plots")
-    p.add_argument("--seed", type=int, default=123, help="seeds shuffling, initialisation and sampling (default 123)")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (default: the whole run)")
+    p.add_argument("--out", required=True, type=output_folder, help="folder for the checkpoint, metrics and plots")
+    p.add_argument("--seed", type=integer(minimum=0), default=123,
+                   help="seeds shuffling, initialisation and sampling (default 123)")
+    p.add_argument("--max-steps", type=integer(minimum=1), help="stop after this many steps (default: the whole run)")
     add_device_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -41,17 +44,18 @@ def _add_common(subparsers, name, help_text, run):
 
 
 def _add_preference_data(p, lr):
-    p.add_argument("--data", help="a preference JSON file of {instruction, input, chosen, rejected} entries "
-                                  "(default: the book's instruction-data-with-preference)")
+    p.add_argument("--data", type=existing_file,
+                   help="a preference JSON file of {instruction, input, chosen, rejected} entries "
+                        "(default: the book's instruction-data-with-preference)")
     p.add_argument("--allow-identical", action="store_true",
                    help="keep entries whose chosen and rejected answers are the same (the book's file has 6 "
                         "and is always read with this on)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=lr, help=f"AdamW's learning rate (default {lr})")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--eval-freq", type=int, default=5, help="evaluate every this many steps (default 5)")
-    p.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation (default 5)")
+    p.add_argument("--epochs", type=integer(minimum=1), default=1)
+    p.add_argument("--batch-size", type=integer(minimum=1), default=8)
+    p.add_argument("--lr", type=number(minimum=0.0, above=True), default=lr, help=f"AdamW's learning rate (default {lr})")
+    p.add_argument("--weight-decay", type=number(minimum=0.0), default=0.01)
+    p.add_argument("--eval-freq", type=integer(minimum=1), default=5, help="evaluate every this many steps (default 5)")
+    p.add_argument("--eval-iter", type=integer(minimum=1), default=5, help="batches per evaluation (default 5)")
 
 
 def add_dpo(subparsers):
@@ -59,7 +63,8 @@ def add_dpo(subparsers):
                                        "copy, AdamW lr 5e-6, 1 epoch; writes OUT/dpo.png (losses, reward margins)",
                     run_dpo)
     _add_preference_data(p, lr=5e-6)
-    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--beta", type=number(minimum=0.0, above=True), default=0.1,
+                   help="how far the policy may move from the reference (default 0.1, the book's)")
     p.add_argument("--reduction", choices=("mean", "sum"), default="mean",
                    help="a response's log-probability: the book's mean over its tokens or the DPO paper's sum")
 
@@ -74,16 +79,27 @@ def add_ppo(subparsers):
     p = _add_common(subparsers, "ppo", "RLHF with PPO against a reward model or a toy token reward; writes "
                                        "OUT/ppo.png (reward, KL)", run_ppo)
     reward = p.add_mutually_exclusive_group(required=True)
-    reward.add_argument("--reward-model", help=f"a reward model from `finetune reward` (OUT/{REWARD_MODEL_NAME})")
-    reward.add_argument("--reward-tokens", metavar="TEXT",
+    reward.add_argument("--reward-model", type=existing_file,
+                        help=f"a reward model from `finetune reward` (OUT/{REWARD_MODEL_NAME})")
+    reward.add_argument("--reward-tokens", type=reward_text, metavar="TEXT",
                         help="toy reward: the share of response tokens that are tokens of TEXT")
-    p.add_argument("--steps", type=int, default=100, help="PPO steps, each rollouts then updates (default 100)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per PPO step (default 8)")
-    p.add_argument("--response-length", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--kl-coef", type=float, default=0.2, help="the initial KL coefficient (default 0.2)")
-    p.add_argument("--target-kl", type=float, default=6.0, help="the adaptive coefficient's target KL (default 6)")
-    p.add_argument("--ppo-epochs", type=int, default=4)
+    p.add_argument("--steps", type=integer(minimum=1), default=100,
+                   help="PPO steps, each rollouts then updates (default 100)")
+    p.add_argument("--batch-size", type=integer(minimum=1), default=8, help="prompts per PPO step (default 8)")
+    p.add_argument("--response-length", type=integer(minimum=1), default=32,
+                   help="tokens sampled per response (default 32)")
+    p.add_argument("--lr", type=number(minimum=0.0, above=True), default=1e-5)
+    p.add_argument("--kl-coef", type=number(minimum=0.0), default=0.2, help="the initial KL coefficient (default 0.2)")
+    p.add_argument("--target-kl", type=number(minimum=0.0, above=True), default=6.0,
+                   help="the adaptive coefficient's target KL (default 6)")
+    p.add_argument("--ppo-epochs", type=integer(minimum=1), default=4)
+
+
+def reward_text(text):
+    """The type of --reward-tokens: an empty text has no tokens, so every response would score 0."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a text whose tokens the toy reward counts, got ''")
+    return text
 
 
 # ---- shared pieces -----------------------------------------------------------------------------
@@ -110,8 +126,6 @@ def preference_loaders(args, model):
     from ..finetune import preference
     from ..finetune.instruct import split_instruction_data
 
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     allow_identical = args.allow_identical or args.data is None  # the book's file holds 6 identical pairs
     data = preference.load_preference_data(args.data, allow_identical=allow_identical)
     train_data, _, val_data = split_instruction_data(data)
