@@ -3,6 +3,7 @@
 One section per boundary, each with one helper that applies a case and checks the refusal,
 so a new case is one more row: config dicts, checkpoint files, Hugging Face folders.
 """
+import hashlib
 import json
 import os
 import pickle
@@ -877,6 +878,46 @@ def test_a_full_disk_during_a_download_deletes_the_part_file(tmp_path):
     assert f"cannot write {tmp_path / 'big.bin.part'}" in child.stdout, child.stderr
     assert "the partial download was deleted" in child.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder chmod 555, holding one damaged copy of a download; made writable again afterwards."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    (folder / "damaged.bin").write_bytes(b"<html>not the file</html>")
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").touch()
+    except PermissionError:
+        pass  # chmod holds: the case can be tried
+    else:
+        pytest.skip("running as root (or with CAP_DAC_OVERRIDE): chmod does not stop this process writing "
+                    "into a read-only folder")
+    yield folder
+    folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("dest, folder", [
+    ("file.bin", "read-only"),                 # a new file in the folder
+    ("models/file.bin", "read-only/models"),   # a subfolder that cannot be created
+    ("damaged.bin", "read-only"),              # a damaged copy that cannot be replaced
+])
+def test_a_download_into_a_read_only_folder_names_the_folder_and_writes_nothing(read_only_folder, dest, folder):
+    from tests.http_server import serve
+    from tinygrad_llm.datasets import download_file
+
+    data = b"x" * 1000
+    before = sorted(read_only_folder.rglob("*"))
+    with serve({"/file.bin": data}) as server:
+        with pytest.raises(PermissionError) as raised:
+            download_file(server.url("/file.bin"), read_only_folder / dest, sha256=hashlib.sha256(data).hexdigest(),
+                          progress=False)
+        assert server.requests == []  # refused before connecting
+    message = str(raised.value)
+    assert f"into {read_only_folder.parent / folder}: the folder is not writable" in message, message
+    assert "nothing was written" in message
+    assert sorted(read_only_folder.rglob("*")) == before  # no .part, and the damaged copy left as it was
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ cache folder ($XDG_CACHE_HOME/tinygrad_llm or ~/.cache/tinygrad_llm), and otherw
 downloads the file into the cache once. `download_file` is the reusable part: a
 resumable, verified, atomic download that the GPT-2 weights use too.
 """
+import errno
 import hashlib
 import http.client
 import json
@@ -197,17 +198,22 @@ def download_file(url, dest, sha256=None, resume=True, progress=True, check=None
     overall `deadline` in seconds (default: 2 minutes plus the time for the file's size at
     100 kB/s), so a server that trickles a byte every few seconds cannot hold the download
     forever; a timed-out download keeps its .part to resume. A write that fails (a full
-    disk) deletes the .part, so it does not keep the disk full, and raises OSError.
+    disk) deletes the .part, so it does not keep the disk full, and raises OSError. A
+    folder that cannot be created or written into (read-only) raises an OSError naming
+    it (a PermissionError) before anything is requested or written.
     """
     dest = Path(dest)
+    damaged = False
     if dest.is_file():
         try:
             _check(dest, check, sha256)
-            return dest
+            return dest  # a good copy is used even in a read-only folder
         except ValueError as error:
             _say(f"{dest} is damaged ({error}); downloading it again", progress)
-            dest.unlink()
-    dest.parent.mkdir(parents=True, exist_ok=True)
+            damaged = True
+    _writable_folder(dest.parent, url)
+    if damaged:
+        dest.unlink()
     part = dest.with_name(dest.name + ".part")
     offset = part.stat().st_size if resume and part.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
@@ -269,6 +275,21 @@ def download_file(url, dest, sha256=None, resume=True, progress=True, check=None
         raise ValueError(f"{url} did not send what was expected ({error}); the download was deleted") from None
     os.replace(part, dest)  # atomic: a reader never sees a half-written file
     return dest
+
+
+def _writable_folder(folder, url):
+    """Create `folder` if needed and make sure files can be written into it, or raise an OSError naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        code = error.errno
+    else:
+        if os.access(folder, os.W_OK | os.X_OK):
+            return
+        code = errno.EACCES
+    # OSError(errno.EACCES, ...) is a PermissionError, as the failed write would have raised.
+    raise OSError(code, f"cannot download {url} into {folder}: the folder is not writable "
+                        f"({os.strerror(code)}); nothing was written")
 
 
 def _timeout_text(error, read_timeout):
