@@ -3,7 +3,7 @@ import json
 
 from ..finetune.instruct import JUDGE_PROMPTS, judge_responses, load_responses, response_metrics, split_loss
 from ..finetune.judge import DEFAULT_MODEL, DEFAULT_TIMEOUT, DEFAULT_URL, JudgeUnavailableError
-from .common import number
+from .common import existing_file, number, output_file
 
 
 def add_evaluate(subparsers):
@@ -13,10 +13,10 @@ def add_evaluate(subparsers):
                                           "outputs: exact match and token-F1 offline; the test loss and "
                                           "perplexity with --checkpoint; and the book's judge, a model served "
                                           "by Ollama, with --judge.")
-    p.add_argument("--responses", required=True, metavar="FILE", help="a JSON list of entries with responses")
+    p.add_argument("--responses", required=True, type=existing_file, metavar="FILE", help="a JSON list of entries with responses")
     p.add_argument("--key", default="model_response", help="the entries' key holding the response "
                                                            "(default model_response)")
-    p.add_argument("--checkpoint", help="also the loss and perplexity of this model on the file's entries")
+    p.add_argument("--checkpoint", type=existing_file, help="also the loss and perplexity of this model on the file's entries")
     p.add_argument("--judge", nargs="?", const=DEFAULT_URL, metavar="URL",
                    help=f"score with the judge at this /api/chat URL (default {DEFAULT_URL})")
     p.add_argument("--judge-model", default=DEFAULT_MODEL, help=f"the judge's model name (default {DEFAULT_MODEL})")
@@ -24,7 +24,7 @@ def add_evaluate(subparsers):
                    help="book: the book's 0-100 score; rubric: a 1-5 scale with each score described")
     p.add_argument("--judge-timeout", type=number(minimum=0.0, above=True), default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help=f"longest wait for one answer (default {DEFAULT_TIMEOUT:g})")
-    p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
+    p.add_argument("--json", metavar="OUT", type=output_file, help="also write the results to this JSON file")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(run=run_evaluate)
 

@@ -13,7 +13,7 @@ from ..finetune.instruct import (create_instruction_loaders, finetune_instruct, 
 from ..lora import merge_lora, save_lora
 from ..train import TrainingDivergedError, evaluate_model, plot_losses
 from .common import (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, add_device_option, get_tokenizer, integer,
-                     load_openai_gpt2, number)
+                     load_openai_gpt2, number, output_folder)
 
 # finetune instruct's settings and their defaults: the book's chapter 7 run.
 INSTRUCT_DEFAULTS = {
@@ -60,9 +60,10 @@ def add_instruct(tasks):
     p.add_argument("--lora-rank", type=integer(minimum=1), metavar="R", help="train appendix E's rank-R adapters on every Linear "
                                                               "instead of all weights")
     p.add_argument("--lora-alpha", type=number(minimum=0.0, above=True), help="the adapters' alpha (default: the rank)")
-    p.add_argument("--max-new-tokens", type=integer(minimum=0), default=256, help="the longest test response (default 256)")
+    p.add_argument("--max-new-tokens", type=integer(minimum=1), default=256, help="the longest test response (default 256)")
     p.add_argument("--response-batch-size", type=integer(minimum=1), default=8, help="test prompts generated at once (default 8)")
-    p.add_argument("--out", required=True, help="folder for the checkpoints, metrics, plot and responses")
+    p.add_argument("--out", required=True, type=output_folder,
+                   help="folder for the checkpoints, metrics, plot and responses")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT with its saved settings")
     add_device_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -87,7 +88,8 @@ def instruct_settings(args, checkpoint):
     return settings
 
 
-def check_settings(s, args):
+def check_settings(s):
+    """The run's numbers; the flags' option types checked them, but --resume reads them from a checkpoint."""
     for key in ("batch_size", "eval_freq", "eval_iter", "accumulation_steps", "allowed_max_length"):
         if s[key] < 1:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
@@ -97,8 +99,6 @@ def check_settings(s, args):
         raise SystemExit(f"--lora-rank must be >= 1, got {s['lora_rank']}")
     if not 0.0 <= s["drop_rate"] < 1.0:
         raise SystemExit(f"--drop-rate must be in [0, 1), got {s['drop_rate']}")
-    if args.max_new_tokens < 1 or args.response_batch_size < 1:
-        raise SystemExit("--max-new-tokens and --response-batch-size must be >= 1")
 
 
 def load_model(source):
@@ -112,7 +112,7 @@ def run_instruct(args):
     os.makedirs(args.out, exist_ok=True)
     checkpoint = os.path.join(args.out, CHECKPOINT_NAME)
     s = instruct_settings(args, checkpoint)
-    check_settings(s, args)
+    check_settings(s)
     data = load_instruction_data(s["data"] if os.path.isfile(s["data"]) else datasets.path(s["data"]))
     train_data, test_data, val_data = split_instruction_data(data)
     if not train_data or not val_data or not test_data:
