@@ -6,6 +6,7 @@ when a "cuda" array is first asked for, so the library imports cleanly without i
 This module also holds the default float dtype and the seedable random generator that
 initialisation, dropout and sampling draw from (`manual_seed`).
 """
+import importlib
 import os
 
 import numpy as np
@@ -59,6 +60,34 @@ def use_cuda_module(module):
 def cuda_is_cupy():
     """True when device "cuda" is CuPy on a GPU (not a stand-in): CUDA kernels can run."""
     return _cupy().__name__ == "cupy"
+
+
+def gpu_count():
+    """How many GPUs CuPy finds (the stand-in says how many it pretends to have)."""
+    return _cupy().cuda.runtime.getDeviceCount()
+
+
+def use_gpu(index):
+    """Make GPU `index` the current one: device "cuda" means it from now on (CuPy's per-thread
+    current device). Call it before anything is put on the device."""
+    _cupy().cuda.Device(index).use()
+
+
+def current_stream():
+    """The CUDA stream CuPy queues work on (.ptr for libraries such as NCCL, .synchronize())."""
+    return _cupy().cuda.get_current_stream()
+
+
+def nccl():
+    """CuPy's NCCL binding (cupy.cuda.nccl), or None where CuPy finds no NCCL library.
+
+    CuPy does not import it with cupy.cuda; its `available` flag says whether the library loaded.
+    """
+    try:
+        module = importlib.import_module(f"{_cupy().__name__}.cuda.nccl")
+    except ImportError:
+        return None
+    return module if getattr(module, "available", False) else None
 
 
 def check_device(device):

@@ -1,17 +1,27 @@
 """Data parallelism over MPI (mpi4py): one process per rank, one all-reduce of the gradients per step.
 
-    mpiexec -n N tinygrad-llm pretrain ... --batch-size B
+    mpiexec -n N tinygrad-llm pretrain ... --batch-size B [--device cuda]
 
 Every rank builds the same model from the same seed and draws the same global batches of
 N*B rows (from a seeded loader); rank r trains on rows [rB, (r+1)B) of each (RankBatches).
 After backward, `World.allreduce_gradients` sums every gradient over the ranks in one
-MPI Allreduce over one flat buffer and divides by N: with a loss that is a mean over
+all-reduce over one flat buffer and divides by N: with a loss that is a mean over
 rows of equal weight (pretraining's cross-entropy), that is the gradient of the global
 batch, so every rank takes the same optimizer step and the weights stay identical.
+
 Rank 0 alone writes checkpoints, the metrics log and the progress bar. Each rank draws
 its own dropout masks, from a generator seeded with (seed, rank). A rank that raises
 ends every rank naming itself (`World.ending_together`); one killed by a signal is named
 by its supervisor process (`supervise_rank`).
+
+On the CPU the buffer is a host array and the all-reduce MPI's Allreduce. On GPUs there is
+one rank per GPU (`World.select_device`, before the model moves there, takes the GPU numbered
+by the rank's place on its machine), and where CuPy has NCCL (`backend.nccl`) the buffer
+stays on the GPU: one NCCL all-reduce on CuPy's current stream, through one communicator
+made at the first step (rank 0 draws its unique id, MPI broadcasts it). Without NCCL the
+gradients go through the host and MPI. The NCCL path is tested on the CPU only, under
+mpiexec against the test suite's CuPy stand-in (tests/cupy_standin.py); it has not run on
+a GPU.
 
 The ranks are found from the environment mpiexec sets (MPICH's PMI_SIZE, Open MPI's
 OMPI_COMM_WORLD_SIZE); a process started without mpiexec is rank 0 of 1 and never
@@ -45,18 +55,44 @@ class World:
         self.rank = 0 if comm is None else comm.Get_rank()
         self.size = 1 if comm is None else comm.Get_size()
         self.communication_seconds = 0.0  # time spent in all-reduces, for the scaling figures
+        self.nccl_communicator = None  # made at the first all-reduce of gradients on the GPU
 
-    def allreduce_gradients(self, params):
-        """Average the gradients of `params` over the ranks, in place: one Allreduce over one flat buffer.
-
-        Parameters without a gradient (frozen) are skipped; every rank holds the same model,
-        so every rank skips the same ones and the buffers line up.
-        """
-        if self.size == 1:
+    def select_device(self, device):
+        """Make this rank's own GPU the current one when `device` is "cuda": the GPU numbered as
+        the rank's place among the ranks on its machine (one rank per GPU, which NCCL requires).
+        Call it before the model is moved to the device; nothing to do on the CPU or alone."""
+        if self.size == 1 or backend.check_device(device) != "cuda":
             return
         from mpi4py import MPI
 
+        machine = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)  # the ranks sharing this machine
+        local_rank, local_size = machine.Get_rank(), machine.Get_size()
+        machine.Free()
+        gpus = backend.gpu_count()
+        if local_size > gpus:
+            raise ValueError(f"mpiexec started {local_size} ranks on this machine, which has {gpus} GPU(s): "
+                             f"start at most {gpus} per machine, one rank per GPU")
+        backend.use_gpu(local_rank)
+
+    def allreduce_gradients(self, params):
+        """Average the gradients of `params` over the ranks, in place: one all-reduce over one flat buffer.
+
+        On the GPU with NCCL the buffer stays on the device (NCCL's all-reduce); elsewhere it
+        is a host buffer and MPI's Allreduce. Parameters without a gradient (frozen) are
+        skipped; every rank holds the same model, so every rank skips the same ones and the
+        buffers line up.
+        """
+        if self.size == 1:
+            return
         grads = [p.grad for p in params if p.grad is not None]
+        if backend.device_of(grads[0]) == "cuda" and backend.nccl() is not None:
+            self._allreduce_with_nccl(grads)
+        else:
+            self._allreduce_with_mpi(grads)
+
+    def _allreduce_with_mpi(self, grads):
+        from mpi4py import MPI
+
         flat = np.concatenate([backend.to_host(g).ravel() for g in grads])  # (total parameters,)
         start = time.perf_counter()
         self.comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
@@ -65,6 +101,27 @@ class World:
         offset = 0
         for g in grads:
             g[...] = backend.to_device(flat[offset:offset + g.size].reshape(g.shape), backend.device_of(g))
+            offset += g.size
+
+    def _allreduce_with_nccl(self, grads):
+        nccl = backend.nccl()
+        if self.nccl_communicator is None:
+            # Collective: every rank comes here at its first step. Rank 0's id names the
+            # communicator; MPI carries it to the others. The current GPU is the rank's own.
+            unique_id = self.comm.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
+            self.nccl_communicator = nccl.NcclCommunicator(self.size, unique_id, self.rank)
+        flat = backend.xp_of(grads[0]).concatenate([g.ravel() for g in grads])  # (total parameters,), on the GPU
+        datatype = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64}[flat.dtype]
+        stream = backend.current_stream()
+        stream.synchronize()  # the backward pass's kernels finish outside the clock
+        start = time.perf_counter()
+        self.nccl_communicator.allReduce(flat.data.ptr, flat.data.ptr, flat.size, datatype, nccl.NCCL_SUM, stream.ptr)
+        stream.synchronize()  # NCCL returns once the all-reduce is queued; the clock stops when it is done
+        self.communication_seconds += time.perf_counter() - start
+        flat /= self.size
+        offset = 0
+        for g in grads:
+            g[...] = flat[offset:offset + g.size].reshape(g.shape)
             offset += g.size
 
     def average(self, values):

@@ -197,6 +197,7 @@ def run_pretrain(args):
                          "with --data-changed")
     s["data_sha256"] = data_sha256
     train_loader, val_loader = pretrain_loaders(s, world)
+    world.select_device(args.device)  # under mpiexec on "cuda": this rank's own GPU, before anything goes there
     backend.manual_seed(s["seed"])
     model = GPTModel(s["config"]).to(device=args.device)
     if world.size > 1:
