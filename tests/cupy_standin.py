@@ -19,11 +19,19 @@ _kernel.pyx, _scalar.pyx, _routines_indexing.pyx):
 
 Every copy between host and device is counted in `transfers` ("to_device", "to_host"),
 so a test can assert that a training step copies the batch in, the loss out and nothing else.
+
+`cuda` holds the part of cupy.cuda the library uses: a machine of `gpu_count` GPUs
+(Device, runtime), the current stream, and NCCL (cuda.nccl) whose all-reduce really reduces
+over the MPI ranks of a job (see the NCCL section below).
 """
 import collections
 import functools
+import operator
+import os
+import socket
 import sys
 import types
+import weakref
 
 import numpy as np
 
@@ -158,6 +166,11 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):
     def __cuda_array_interface__(self):
         return {"shape": self.shape, "typestr": self.dtype.str, "data": (self._array.ctypes.data, False),
                 "version": 3, "strides": None if self.flags.c_contiguous else self._array.strides}
+
+    @property
+    def data(self):
+        """The device memory behind the array (CuPy's MemoryPointer): .ptr is its first element's address."""
+        return MemoryPointer(self._array)
 
     shape = property(lambda self: self._array.shape)
     dtype = property(lambda self: self._array.dtype)
@@ -312,5 +325,165 @@ def __getattr__(name):
         return value
     return _device_function(value)
 
+
+# ---- cupy.cuda: the GPUs, the stream, NCCL ---------------------------------------------------
+#
+# Arrays do not record which GPU holds them; the current GPU matters to NCCL alone, which
+# (like NCCL itself) refuses two ranks of one machine on one GPU.
+
+gpu_count = 2  # the stand-in machine's GPUs (a test may set another count)
+_current_gpu = 0
+_allocations = weakref.WeakValueDictionary()  # device pointer -> the NumPy array owning that memory
+
+
+class MemoryPointer:
+    """An array's `.data`: `.ptr` is the address NCCL is given. The stand-in remembers the array
+    that owns the memory there, so an NCCL call can find what a pointer points at."""
+
+    def __init__(self, array):
+        self.ptr = array.ctypes.data
+        owner = array
+        while isinstance(owner.base, np.ndarray):  # a view: its memory lives as long as its base does
+            owner = owner.base
+        _allocations[self.ptr] = owner
+
+
+class CUDARuntimeError(RuntimeError):
+    pass
+
+
+class Device:
+    """cupy.cuda.Device(n): .id, and .use() makes it the current GPU."""
+
+    def __init__(self, device=None):
+        self.id = _current_gpu if device is None else operator.index(device)
+
+    def use(self):
+        global _current_gpu
+        if not 0 <= self.id < gpu_count:
+            raise CUDARuntimeError("cudaErrorInvalidDevice: invalid device ordinal")
+        _current_gpu = self.id
+
+
+class Stream:
+    """CuPy's default stream (null: .ptr 0). The stand-in finishes each op before it returns,
+    so there is never anything to wait for."""
+
+    ptr = 0
+
+    def synchronize(self):
+        pass
+
+
+_null_stream = Stream()
+
+
+def _submodule(name, **attributes):
+    """A module `<this module>.name`, registered so that importlib finds it as it finds cupy.cuda.nccl."""
+    module = types.ModuleType(f"{__name__}.{name}")
+    vars(module).update(attributes)
+    sys.modules[module.__name__] = module
+    return module
+
+
+# ---- NCCL (cupy.cuda.nccl, from cupy_backends/cuda/libs/nccl.pyx and nccl.pxd) -------------------
+#
+# The constants are NCCL's (ncclRedOp_t, ncclDataType_t) and the signatures CuPy's: pointers,
+# counts, types and the stream are plain integers (Cython's intptr_t, size_t, int refuse a
+# MemoryPointer or a Stream object). A communicator spans every rank of the MPI job (mpi4py's
+# COMM_WORLD); its allReduce sums the arrays behind the pointers on every rank with MPI, and
+# counts no transfer (NCCL moves GPU memory between GPUs, not through the host).
+# `allreduces` logs the element count of each allReduce on this rank, for the tests.
+
+NCCL_UNIQUE_ID_BYTES = 128
+_NCCL_CONSTANTS = {"NCCL_SUM": 0, "NCCL_PROD": 1, "NCCL_MAX": 2, "NCCL_MIN": 3, "NCCL_AVG": 4,
+                   "NCCL_INT8": 0, "NCCL_CHAR": 0, "NCCL_UINT8": 1, "NCCL_INT32": 2, "NCCL_INT": 2,
+                   "NCCL_UINT32": 3, "NCCL_INT64": 4, "NCCL_UINT64": 5, "NCCL_FLOAT16": 6, "NCCL_HALF": 6,
+                   "NCCL_FLOAT32": 7, "NCCL_FLOAT": 7, "NCCL_FLOAT64": 8, "NCCL_DOUBLE": 8, "NCCL_BFLOAT16": 9}
+_NCCL_DTYPES = {0: np.int8, 1: np.uint8, 2: np.int32, 3: np.uint32, 4: np.int64, 5: np.uint64, 6: np.float16,
+                7: np.float32, 8: np.float64}
+_NCCL_MPI_OPS = {0: "SUM", 1: "PROD", 2: "MAX", 3: "MIN", 4: "SUM"}  # NCCL_AVG: the sum, then / ranks
+allreduces = []
+
+
+class NcclError(RuntimeError):
+    pass
+
+
+def _nccl_get_unique_id():
+    """128 signed chars, as CuPy returns ncclUniqueId.internal."""
+    return tuple(int(b) for b in np.frombuffer(os.urandom(NCCL_UNIQUE_ID_BYTES), dtype=np.int8))
+
+
+def _nccl_buffer(pointer, count, datatype, name):
+    """The `count` elements at a device pointer, refusing what NCCL would misread: a pointer no
+    live array gave, another element type, memory past the end of the array."""
+    owner = _allocations.get(operator.index(pointer))
+    if owner is None:
+        raise NcclError(f"NCCL_ERROR_INVALID_ARGUMENT: {name} {pointer:#x} is not the .data.ptr of a live array")
+    dtype = _NCCL_DTYPES.get(operator.index(datatype))
+    if dtype is None or owner.dtype != dtype:
+        raise NcclError(f"NCCL_ERROR_INVALID_ARGUMENT: datatype {datatype} for {name}, an array of {owner.dtype}")
+    start = pointer - owner.ctypes.data
+    if not owner.flags.c_contiguous or start + operator.index(count) * owner.itemsize > owner.nbytes:
+        raise NcclError(f"NCCL_ERROR_INVALID_ARGUMENT: {name} holds fewer than {count} elements")
+    return owner.reshape(-1)[start // owner.itemsize:][:count]
+
+
+class NcclCommunicator:
+    """NcclCommunicator(ndev, commId, rank): every rank of the MPI job, each on its own GPU."""
+
+    def __init__(self, ndev, commId, rank):
+        from mpi4py import MPI
+
+        if type(commId) is not tuple:
+            raise TypeError(f"Argument 'commId' has incorrect type (expected tuple, got {type(commId).__name__})")
+        assert len(commId) == NCCL_UNIQUE_ID_BYTES
+        self._world = MPI.COMM_WORLD
+        # Gathered before any check, so that every rank sees the same fault and raises together.
+        ranks = self._world.allgather((operator.index(ndev), operator.index(rank), commId,
+                                       socket.gethostname(), _current_gpu))
+        if any(n != self._world.Get_size() for n, *_ in ranks) or [r for _, r, *_ in ranks] != list(
+                range(self._world.Get_size())):
+            raise NcclError("NCCL_ERROR_INVALID_ARGUMENT: the stand-in's communicator spans every MPI rank "
+                            f"(ndev {self._world.Get_size()}, rank = the MPI rank); got {[r[:2] for r in ranks]}")
+        if len({unique_id for _, _, unique_id, _, _ in ranks}) != 1:
+            raise NcclError("NCCL_ERROR_INVALID_USAGE: the ranks hold different unique ids (rank 0's must reach all)")
+        places = [(host, gpu) for *_, host, gpu in ranks]
+        for r, place in enumerate(places):
+            if place in places[:r]:
+                raise NcclError(f"NCCL_ERROR_INVALID_USAGE: Duplicate GPU detected: rank {places.index(place)} "
+                                f"and rank {r} both on CUDA device {place[1]}")
+        self._ndev, self._rank, self._device = ndev, rank, _current_gpu
+
+    def rank_id(self):
+        return self._rank
+
+    def size(self):
+        return self._ndev
+
+    def device_id(self):
+        return self._device
+
+    def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
+        from mpi4py import MPI
+
+        operator.index(stream)
+        if operator.index(op) not in _NCCL_MPI_OPS:
+            raise NcclError(f"NCCL_ERROR_INVALID_ARGUMENT: op {op}")
+        send = _nccl_buffer(sendbuf, count, datatype, "sendbuf")
+        recv = _nccl_buffer(recvbuf, count, datatype, "recvbuf")
+        reduced = np.empty_like(send)
+        self._world.Allreduce(np.ascontiguousarray(send), reduced, op=getattr(MPI, _NCCL_MPI_OPS[op]))
+        recv[...] = reduced / self._ndev if op == _NCCL_CONSTANTS["NCCL_AVG"] else reduced
+        allreduces.append(int(count))
+
+
+cuda = _submodule(
+    "cuda", Device=Device, Stream=Stream, MemoryPointer=MemoryPointer, get_current_stream=lambda: _null_stream,
+    runtime=_submodule("cuda.runtime", CUDARuntimeError=CUDARuntimeError, getDeviceCount=lambda: gpu_count,
+                       getDevice=lambda: _current_gpu),
+    nccl=_submodule("cuda.nccl", available=True, NcclError=NcclError, NcclCommunicator=NcclCommunicator,
+                    get_unique_id=_nccl_get_unique_id, **_NCCL_CONSTANTS))
 
 _this_module = sys.modules[__name__]

@@ -1,6 +1,8 @@
 """Data parallel training over MPI: mpiexec -n 2 against one process with the global batch.
 
-Needs the [distributed] extra (mpi4py and MPICH's mpiexec); skipped without it.
+Needs the [distributed] extra (mpi4py and MPICH's mpiexec); skipped without it. The GPU path
+(NCCL) runs on device "cuda" as the test suite's CPU stand-in for CuPy, in every rank, on any
+machine: the stand-in's NCCL all-reduce goes through MPI.
 """
 import json
 import os
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 import tinygrad_llm as tl
-from tinygrad_llm import distributed
+from tinygrad_llm import backend, distributed
 from tinygrad_llm.checkpoint import read_checkpoint
 from tinygrad_llm.data import DataLoader
 
@@ -39,10 +41,11 @@ def run(ranks, *args, cwd, timeout=300):
 
 
 def trained(ranks, tmp_path, name, *options):
+    """(losses, evaluation records, final weights, everything rank 0 wrote)."""
     result = run(ranks, RUN, tmp_path / name, *options, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads((tmp_path / name).read_text())
-    return out["losses"], out["history"], {key: np.array(value) for key, value in out["weights"].items()}
+    return out["losses"], out["history"], {key: np.array(value) for key, value in out["weights"].items()}, out
 
 
 def assert_same_run(a, b, loss_rtol, weight_atol):
@@ -109,6 +112,37 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert read_checkpoint(tmp_path / "ckpt.safetensors")["metadata"]["train_state"]["step"] == 3
 
 
+# ---- on GPUs: NCCL, with device "cuda" the CPU stand-in for CuPy in every rank ----------------
+
+ON_STANDIN_GPUS = ["--device", "cuda", "--cuda-standin"]  # a machine of 2 stand-in GPUs
+
+
+@pytest.mark.parametrize("dtype, loss_rtol, weight_atol", [("float64", 1e-12, 1e-12), ("float32", 1e-6, 1e-5)])
+def test_two_ranks_on_gpus_average_the_gradients_with_one_nccl_allreduce_per_step(tmp_path, dtype, loss_rtol,
+                                                                                   weight_atol):
+    one = trained(1, tmp_path, "one.json", "--batch", 4, "--steps", 6, "--dtype", dtype, *ON_STANDIN_GPUS)
+    two = trained(2, tmp_path, "two.json", "--batch", 2, "--steps", 6, "--dtype", dtype, *ON_STANDIN_GPUS)
+    assert_same_run(one, two, loss_rtol, weight_atol)  # the tolerances of the MPI test above, for the same reason
+    (alone,), ranks = one[3]["standin_by_rank"], two[3]["standin_by_rank"]
+    assert [rank["gpu"] for rank in ranks] == [0, 1]  # one GPU per rank
+    for rank in ranks:
+        # One all-reduce per step, over every gradient in one flat buffer ...
+        assert rank["nccl_allreduces"] == [two[3]["parameters"]] * 6
+        # ... on the device: each rank copies to and from the host exactly as one process does.
+        assert rank["transfers"] == alone["transfers"]
+
+
+def test_on_gpus_without_nccl_the_gradients_go_through_the_host_and_mpi(tmp_path):
+    one = trained(1, tmp_path, "one.json", "--batch", 4, "--steps", 6, *ON_STANDIN_GPUS)
+    two = trained(2, tmp_path, "two.json", "--batch", 2, "--steps", 6, *ON_STANDIN_GPUS, "--no-nccl")
+    assert_same_run(one, two, 1e-6, 1e-5)  # float32, as above
+    (alone,), ranks = one[3]["standin_by_rank"], two[3]["standin_by_rank"]
+    for rank in ranks:
+        assert rank["nccl_allreduces"] == []
+        extra = {direction: count - alone["transfers"][direction] for direction, count in rank["transfers"].items()}
+        assert extra == {"to_host": 6 * two[3]["gradients"], "to_device": 6 * two[3]["gradients"]}  # each, each step
+
+
 def cli(ranks, *args, cwd):
     return run(ranks, "-m", "tinygrad_llm", *args, cwd=cwd)
 
@@ -155,6 +189,27 @@ def test_pretrain_under_mpiexec_matches_one_process_and_resumes_only_with_as_man
     assert "written by a run on 2 rank(s) (global batch 4); resume it with mpiexec -n 2, not 1" in again.stderr
 
 
+# `python -c STANDIN_CLI GPUS ARGS...`: tinygrad-llm ARGS with device "cuda" the stand-in on a
+# machine of GPUS GPUs; prints how many NCCL all-reduces the rank made.
+STANDIN_CLI = ("import sys; from tests import cupy_standin; from tinygrad_llm import backend; "
+               "from tinygrad_llm.cli import main; backend.use_cuda_module(cupy_standin); "
+               "cupy_standin.gpu_count = int(sys.argv.pop(1)); code = main(sys.argv[1:]); "
+               "print(f'NCCL all-reduces: {len(cupy_standin.allreduces)}', file=sys.stderr); sys.exit(code)")
+
+
+def test_pretrain_under_mpiexec_on_gpus_gives_each_rank_its_gpu_and_all_reduces_with_nccl(shard_folder, tmp_path):
+    common = ["pretrain", "--data", shard_folder / "shards", "--config", shard_folder / "tiny.json", "--epochs", 1,
+              "--batch-size", 2, "--device", "cuda", "--no-progress"]
+    two = run(2, "-c", STANDIN_CLI, 2, *common, "--out", tmp_path / "two", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    steps = read_checkpoint(tmp_path / "two" / "checkpoint.safetensors")["metadata"]["train_state"]["step"]
+    assert re.findall(r"NCCL all-reduces: (\d+)", two.stderr) == [str(steps)] * 2 and steps > 0
+
+    crowded = run(2, "-c", STANDIN_CLI, 1, *common, "--out", tmp_path / "crowded", cwd=tmp_path)
+    assert crowded.returncode != 0 and "Traceback" not in crowded.stderr
+    assert "mpiexec started 2 ranks on this machine, which has 1 GPU(s): start at most 1 per machine" in crowded.stderr
+
+
 # ---- in one process ------------------------------------------------------------------------
 
 
@@ -165,6 +220,32 @@ def test_one_process_is_rank_0_of_1_without_mpi(monkeypatch):
     world = distributed.World()
     assert (world.rank, world.size) == (0, 1)
     assert world.average({"loss": 2.5}) == {"loss": 2.5} and world.agree(15) == 15
+
+
+def test_the_standins_nccl_takes_cupys_arguments_and_refuses_what_nccl_would_misread(standin_cuda):
+    from tests import cupy_standin
+
+    nccl = backend.nccl()  # found as CuPy's is: <module>.cuda.nccl
+    assert nccl.NCCL_SUM == 0 and (nccl.NCCL_FLOAT32, nccl.NCCL_FLOAT64) == (7, 8)  # NCCL's ncclRedOp_t, ncclDataType_t
+    communicator = nccl.NcclCommunicator(1, nccl.get_unique_id(), 0)  # this process alone
+    flat = cupy_standin.arange(6, dtype=np.float32)
+    stream = backend.current_stream()
+    communicator.allReduce(flat.data.ptr, flat.data.ptr, 4, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, stream.ptr)
+    assert cupy_standin.allreduces[-1] == 4 and not standin_cuda  # a sum over one rank; no copy to or from the host
+    np.testing.assert_array_equal(flat.get(), np.arange(6))
+    with pytest.raises(TypeError):  # a MemoryPointer is not an intptr_t
+        communicator.allReduce(flat.data, flat.data.ptr, 6, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, stream.ptr)
+    with pytest.raises(nccl.NcclError, match="datatype 8 for sendbuf, an array of float32"):
+        communicator.allReduce(flat.data.ptr, flat.data.ptr, 6, nccl.NCCL_FLOAT64, nccl.NCCL_SUM, stream.ptr)
+    with pytest.raises(nccl.NcclError, match="fewer than 7 elements"):
+        communicator.allReduce(flat.data.ptr, flat.data.ptr, 7, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, stream.ptr)
+    with pytest.raises(TypeError, match="expected tuple, got list"):
+        nccl.NcclCommunicator(1, list(nccl.get_unique_id()), 0)
+    cupy_standin.cuda.nccl.available = False  # a CuPy whose NCCL library did not load
+    try:
+        assert backend.nccl() is None
+    finally:
+        cupy_standin.cuda.nccl.available = True
 
 
 def test_rank_batches_split_each_global_batch_in_row_order():
