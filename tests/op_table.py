@@ -255,7 +255,9 @@ def masked_fill_cases(draw, fill_values=(0.0, 2.5, -1e9, -np.inf)):
 @st.composite
 def linear_cases(draw):
     n_in, n_out = draw(st.integers(1, 5)), draw(st.integers(1, 5))
-    x = draw(values(draw(shapes(0, 2)) + (n_in,)))
+    # linear_forward takes another matmul form for at most F.FEW_ROWS rows: both are drawn.
+    leading = draw(shapes(0, 2) | st.tuples(st.integers(F.FEW_ROWS + 1, F.FEW_ROWS + 8)))
+    x = draw(values(leading + (n_in,)))
     weight = draw(values((n_out, n_in)))
     bias = draw(st.none() | values((n_out,)))
     return Case((x, weight) if bias is None else (x, weight, bias))

@@ -38,6 +38,8 @@ def check_float(x, op):
 
 # ---- linear -------------------------------------------------------------------------------
 
+FEW_ROWS = 32  # inputs of at most this many rows take the W x^T form (measured: 4-32 rows gain, 64+ lose)
+
 
 def linear_forward(x, weight, bias=None):
     # x: (N..., in)  weight: (out, in)  bias: (out,)  ->  (N..., out)
@@ -45,7 +47,13 @@ def linear_forward(x, weight, bias=None):
         raise ValueError(f"linear: input of shape {x.shape} does not fit weight of shape {weight.shape} "
                          f"(expected last dimension {weight.shape[1]})")
     x2 = x.reshape(-1, x.shape[-1])
-    out = cpu.matmul(x2, weight.T)
+    if xp_of(x2) is np and x2.shape[0] <= FEW_ROWS:
+        # A few rows (a decoding step of a batch): OpenBLAS runs W x^T, with the long side
+        # first, 1.4-1.8x faster than x W^T for 4-32 rows here, and it splits over the cores
+        # by rows of W; the (rows, out) transpose costs a copy of the small result.
+        out = np.ascontiguousarray(cpu.matmul(weight, x2.T).T)
+    else:
+        out = cpu.matmul(x2, weight.T)
     if bias is not None:
         out += bias
     return out.reshape(*x.shape[:-1], weight.shape[0]), (x2, x.shape, weight, bias is not None)
