@@ -235,5 +235,5 @@ def test_the_constructor_checks_special_tokens(special_tokens, message):
 
 
 def test_a_merge_must_make_a_new_id_above_the_bytes():
-    with pytest.raises(ValueError, match=r"merge \(97, 98\) -> -5 must join two earlier tokens into a new id of 256"):
+    with pytest.raises(ValueError, match=r"merge \(97, 98\) -> -5 must join two earlier tokens into a new id from 256"):
         BPETokenizer({(97, 98): -5})

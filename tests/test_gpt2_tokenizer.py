@@ -3,6 +3,7 @@ and has tiktoken's Encoding API."""
 import random
 import string
 
+import numpy as np
 import pytest
 import regex
 from hypothesis import given
@@ -11,7 +12,8 @@ from hypothesis import strategies as st
 from tinygrad_llm import datasets
 from tinygrad_llm.tokenizers import GPT2_SPLIT_PATTERN, get_gpt2_tokenizer
 from tinygrad_llm.tokenizers import byte_pair
-from tinygrad_llm.tokenizers.byte_pair import SHORT_PIECE, merge_by_rank_buckets, merge_lowest_first
+from tinygrad_llm.tokenizers.byte_pair import (BATCH_MIN_PIECES, BATCH_PIECE_LIMIT, HANDOFF_PIECES, SHORT_PIECE,
+                                              PairRanks, merge_by_rank_buckets, merge_lowest_first, merge_together)
 from tinygrad_llm.tokenizers.gpt2 import TIKTOKEN_GPT2_PATTERN, GPT2Tokenizer, tiktoken_gpt2
 
 tiktoken = pytest.importorskip("tiktoken")
@@ -194,6 +196,84 @@ def test_long_pieces_take_the_rank_buckets(monkeypatch):
     for length in [1, SHORT_PIECE, SHORT_PIECE + 1, 5000]:
         assert byte_pair.apply_merges([OURS.encode_single_token("a")] * length, OURS.merges) == \
             TIKTOKEN.encode("a" * length)
+
+
+# Many new pieces at once: merged together in NumPy (merge_together).
+LETTER = st.characters(categories=("L",))  # a run of letters is one piece, in any script
+ONE_PIECE = st.one_of(
+    st.text(LETTER, min_size=1, max_size=40),  # mixed scripts
+    st.text(st.sampled_from("aabeé"), min_size=1, max_size=BATCH_PIECE_LIMIT),  # long chains of merges
+    st.builds(lambda character, n: character * n, st.sampled_from("aé漢!0 ."), st.integers(1, BATCH_PIECE_LIMIT)),
+    st.text(string.ascii_lowercase, min_size=SHORT_PIECE - 4, max_size=BATCH_PIECE_LIMIT // 2),  # glued words
+).filter(lambda piece: len(OURS._split(piece)) == 1)
+
+
+def _merge_together(pieces, handoff):
+    encoded = [piece.encode("utf-8") for piece in pieces]
+    byte_ids = b"".join(encoded).translate(OURS._byte_to_id)
+    return merge_together(byte_ids, [len(piece) for piece in encoded], OURS.merges, OURS._pair_ranks, handoff)
+
+
+@given(st.lists(ONE_PIECE, min_size=1, max_size=3 * HANDOFF_PIECES), st.sampled_from([0, 1, HANDOFF_PIECES]))
+def test_pieces_merged_together_give_tiktokens_ids(pieces, handoff):
+    # handoff=0: every piece merges in NumPy to the end; otherwise the last ones finish in Python.
+    assert _merge_together(pieces, handoff) == [TIKTOKEN.encode_ordinary(piece) for piece in pieces]
+
+
+def test_runs_of_one_character_merged_together_give_tiktokens_ids():
+    # Overlapping pairs of one rank ("aaaa"), at every length up to BATCH_PIECE_LIMIT bytes.
+    pieces = [character * n for character in "a!0é漢"
+              for n in range(1, BATCH_PIECE_LIMIT // len(character.encode()) + 1)]
+    assert _merge_together(pieces, handoff=0) == [TIKTOKEN.encode_ordinary(piece) for piece in pieces]
+
+
+def test_many_new_pieces_are_merged_together(monkeypatch):
+    calls = []
+
+    def recording_merge_together(byte_ids, lengths, *args):
+        calls.append(len(lengths))
+        return merge_together(byte_ids, lengths, *args)
+
+    monkeypatch.setattr(byte_pair, "merge_together", recording_merge_together)
+    rng = random.Random(0)
+    words = ["".join(rng.choices("aabcdeé漢", k=rng.randint(2, 30))) for _ in range(3 * BATCH_MIN_PIECES)]
+    text = " ".join(words + ["x" * (BATCH_PIECE_LIMIT + 1), "é" * BATCH_PIECE_LIMIT])  # over the limit: alone
+    OURS.clear_cache()
+    assert OURS.encode(text) == TIKTOKEN.encode(text)
+    assert len(calls) == 1 and calls[0] >= BATCH_MIN_PIECES
+    OURS.clear_cache()
+    few_words = " ".join(words[:BATCH_MIN_PIECES // 2])
+    assert OURS.encode(few_words) == TIKTOKEN.encode(few_words)
+    assert len(calls) == 1, "a few new pieces take the Python loops"
+
+
+@pytest.mark.parametrize("name", ["the-verdict", "sms-spam-collection"])
+def test_data_files_without_whitespace_give_tiktokens_ids(name):
+    # Words glued together: thousands of new pieces of 10-160 bytes, merged together.
+    text = "".join(datasets.path(name).read_text(encoding="utf-8").split())
+    OURS.clear_cache()
+    assert OURS.encode_ordinary(text) == TIKTOKEN.encode_ordinary(text)
+
+
+ID = st.integers(0, 300) | st.integers(0, byte_pair.MAX_ID)
+
+
+@given(st.dictionaries(st.tuples(ID, ID), st.integers(256, byte_pair.MAX_ID), max_size=40),
+       st.lists(st.tuples(ID, ID), max_size=40))
+def test_the_pair_table_gives_each_pairs_rank_as_the_merges_dict(merges, other_pairs):
+    # Few merges make a small table, where keys collide and probing wraps around.
+    table = PairRanks(merges)
+    pairs = list(merges) + other_pairs
+    left, right = (np.array([pair[side] for pair in pairs], dtype=np.int32) for side in (0, 1))
+    expected = [merges.get(pair, byte_pair.NO_MERGE_32) for pair in pairs]
+    assert table(left, right).tolist() == expected
+    of_bytes = [i for i, (a, b) in enumerate(pairs) if a < 256 and b < 256]
+    assert table.byte_pairs[left[of_bytes] * 256 + right[of_bytes]].tolist() == [expected[i] for i in of_bytes]
+
+
+def test_the_pair_table_holds_every_gpt2_merge():
+    left, right = (np.array([pair[side] for pair in OURS.merges], dtype=np.int32) for side in (0, 1))
+    assert OURS._pair_ranks(left, right).tolist() == list(OURS.merges.values())
 
 
 # tiktoken's Encoding API beyond encode/decode.

@@ -7,8 +7,10 @@ first, until no learned pair is left. Merges are numbered in the order they were
 learned and a merge's number is the id of the token it makes, so "learned first" is
 simply "smallest id". Text repeats its words, so each piece's ids are cached.
 """
+import functools
 import heapq
 
+import numpy as np
 import regex
 
 # GPT-2's split pattern: contractions, letters, digits, other symbols (each run may
@@ -26,6 +28,16 @@ MERGED_AWAY = -1  # marks a position whose token was merged into its left neighb
 # but 64 repeated letters 69 vs 46 us; above it the plain loop falls behind fast.
 SHORT_PIECE = 64
 CACHE_LIMIT = 200_000  # cached pieces kept before the cache starts afresh
+# New pieces of one text are merged together in NumPy (merge_together) when there are at
+# least BATCH_MIN_PIECES of them; each of up to BATCH_PIECE_LIMIT bytes joins the batch,
+# a longer one takes the rank buckets on its own. A batch hands its last HANDOFF_PIECES
+# unfinished pieces to apply_merges. (Thresholds: see merge_together.)
+BATCH_MIN_PIECES = 32
+BATCH_PIECE_LIMIT = 256
+HANDOFF_PIECES = 16
+MAX_ID = (1 << 31) - 2  # ids fit NumPy's int32 (with room for NO_MERGE_32), as in tiktoken's u32
+NO_MERGE_32 = MAX_ID + 1  # NO_MERGE in int32 arrays
+SEPARATOR = MAX_ID + 1  # in int32 arrays of many pieces, the id after each piece: it is in no pair
 
 
 def apply_merges(ids, merges):
@@ -129,6 +141,151 @@ def merge_by_rank_buckets(ids, merges):
     return [token_id for token_id in ids if token_id != MERGED_AWAY]
 
 
+class PairRanks:
+    """The rank of many pairs of ids at once: the merges as a hash table in NumPy arrays.
+
+    A dict answers one pair per Python call; merge_together asks for the ranks of
+    thousands of pairs per step. A pair (left, right) is the key left * 2**32 + right, and
+    Fibonacci hashing (multiply by 2**64 / golden ratio, keep the top bits) gives its
+    slot in a table at most a quarter full. A key whose slot is taken goes to the next
+    free slot (linear probing), so a lookup reads slots from the key's own until it finds
+    the key (its rank) or an empty slot (no merge): about one pair in nine reads twice.
+    Pairs of two byte ids, where every piece starts, are read from a plain 256 x 256 table.
+    """
+    MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+    EMPTY = np.uint64(2**64 - 1)  # no pair has this key: ids are below 2**31
+
+    def __init__(self, merges):
+        lefts = np.array([left for left, _ in merges], dtype=np.int64)
+        rights = np.array([right for _, right in merges], dtype=np.int64)
+        ranks = np.array(list(merges.values()), dtype=np.int32)
+        keys = (lefts << 32 | rights).view(np.uint64)
+        self.bits = max(2, (4 * len(keys)).bit_length())
+        self.mask = (1 << self.bits) - 1
+        self.keys = np.full(1 << self.bits, self.EMPTY)
+        self.ranks = np.full(1 << self.bits, NO_MERGE_32, np.int32)
+        slots = self.slot(keys)
+        waiting = np.arange(len(keys))  # keys without a slot yet, in the merges' order
+        while len(waiting):
+            free = waiting[self.keys[slots[waiting]] == self.EMPTY]
+            taken, first = np.unique(slots[free], return_index=True)  # one key per free slot
+            self.keys[taken], self.ranks[taken] = keys[free[first]], ranks[free[first]]
+            waiting = waiting[self.keys[slots[waiting]] != keys[waiting]]
+            slots[waiting] = (slots[waiting] + 1) & self.mask
+        self.byte_pairs = np.full(256 * 256, NO_MERGE_32, np.int32)  # [left * 256 + right]
+        of_bytes = (lefts < 256) & (rights < 256)
+        self.byte_pairs[lefts[of_bytes] * 256 + rights[of_bytes]] = ranks[of_bytes]
+
+    def slot(self, keys):
+        return ((keys * self.MULTIPLIER) >> np.uint64(64 - self.bits)).astype(np.intp)
+
+    def __call__(self, left, right):
+        """The rank of each pair (left[i], right[i]) of int32 id arrays; NO_MERGE_32 where none."""
+        keys = (left.astype(np.int64) << 32 | right).view(np.uint64)
+        slots = self.slot(keys)
+        found_keys = self.keys[slots]
+        ranks = np.where(found_keys == keys, self.ranks[slots], NO_MERGE_32)
+        unsure = np.flatnonzero((found_keys != keys) & (found_keys != self.EMPTY))  # another key's slot
+        while len(unsure):
+            slots[unsure] = (slots[unsure] + 1) & self.mask
+            found_keys = self.keys[slots[unsure]]
+            found = found_keys == keys[unsure]
+            ranks[unsure[found]] = self.ranks[slots[unsure[found]]]
+            unsure = unsure[~found & (found_keys != self.EMPTY)]
+        return ranks
+
+
+def merge_together(byte_ids, lengths, merges, pair_ranks, handoff=HANDOFF_PIECES):
+    """apply_merges of many pieces at once, in NumPy: a list of the pieces' merged ids.
+
+    byte_ids: the pieces' byte ids end to end (a bytes object); lengths: each piece's
+    length (1 or more); pair_ranks: the PairRanks of `merges`.
+
+    The pieces lie in one array of ids, each followed by SEPARATOR, an id that is in
+    no pair, and `ranks[i]` is the rank of the pair that starts at i. Each round every
+    piece merges its lowest rank wherever it occurs, at once: by merge_by_rank_buckets's
+    argument that is exactly one-at-a-time BPE, and a piece's rounds are those of its
+    own merges alone, so the pieces do not interfere. (Merging every pair that is lower
+    than both its neighbours would not be BPE: a merge makes new pairs whose rank can be
+    lower than a pair farther on, which BPE must then merge first.) A round costs a few
+    passes over the ids still unfinished plus a lookup for each new pair, some 10 ns
+    per id against about 1 us per merge in the Python loops. Finished pieces (no pair
+    left) leave the array once they are an eighth of the pieces, and once only
+    HANDOFF_PIECES remain, each finishes in apply_merges (whose state is just the ids),
+    sparing a long piece's last rounds their NumPy calls.
+    """
+    lengths = np.asarray(lengths) + 1  # each with its separator
+    ends = np.cumsum(lengths) - 1  # the separators' positions
+    bytes_in_order = np.frombuffer(byte_ids, np.uint8).astype(np.intp)
+    ranks = np.full(len(bytes_in_order), NO_MERGE_32, np.int32)
+    ranks[:-1] = pair_ranks.byte_pairs[bytes_in_order[:-1] * 256 + bytes_in_order[1:]]
+    ids = np.insert(bytes_in_order.astype(np.int32), ends - np.arange(len(ends)), SEPARATOR)
+    ranks = np.insert(ranks, ends - np.arange(len(ends)), NO_MERGE_32)
+    ranks[ends - 1] = NO_MERGE_32  # a piece's last id and the separator after it
+    starts = ends + 1 - lengths
+    unfinished = np.arange(len(lengths))  # the piece each entry of `starts` belongs to
+    finished = []  # (piece numbers, their lengths, their ids end to end), a batch each
+    while len(unfinished) > handoff:
+        lowest = np.minimum.reduceat(ranks, starts)
+        done = lowest == NO_MERGE_32
+        lowest[done] = -1  # matches no rank, so a finished piece merges nothing
+        at = _leftmost_of_overlapping_pairs(np.flatnonzero(ranks == np.repeat(lowest, lengths)))
+        ids[at] = ranks[at]
+        alive = np.ones(len(ids), bool)
+        alive[at + 1] = False  # the right token of each merged pair
+        _update_ranks_around_merges(ids, ranks, at, pair_ranks)
+        if np.count_nonzero(done) * 8 >= len(done):
+            in_done_piece = np.repeat(done, lengths)
+            finished.append((unfinished[done], lengths[done], ids[in_done_piece]))
+            alive &= ~in_done_piece
+            lengths, unfinished, starts = lengths[~done], unfinished[~done], starts[~done]
+        lengths = lengths - np.diff(np.searchsorted(at, starts), append=len(at))  # less each piece's merges
+        ids, ranks = ids[alive], ranks[alive]
+        starts = np.cumsum(lengths) - lengths
+    finished.append((unfinished, lengths, ids))
+    merged = [None] * len(ends)
+    for numbers, piece_lengths, piece_ids in finished:
+        piece_ids = piece_ids.tolist()
+        end = 0
+        for number, length in zip(numbers.tolist(), piece_lengths.tolist()):
+            merged[number] = piece_ids[end:end + length - 1]
+            end += length
+    for number in unfinished.tolist():
+        merged[number] = apply_merges(merged[number], merges)
+    return merged
+
+
+def _leftmost_of_overlapping_pairs(at):
+    """The positions of `at` (sorted) that BPE merges when it merges the pairs at all of them.
+
+    Pairs of one rank overlap only in a run of equal ids ("aaaa": pairs at 0, 1, 2);
+    BPE merges the run's first pair, then its third, and so on.
+    """
+    overlapping = np.flatnonzero(at[1:] == at[:-1] + 1) + 1  # entries whose left neighbour merges too
+    if not len(overlapping):
+        return at
+    run_starts = np.ones(len(overlapping), bool)
+    run_starts[1:] = overlapping[1:] != overlapping[:-1] + 1
+    order = np.arange(len(overlapping))
+    offset = order - np.maximum.accumulate(np.where(run_starts, order, 0))  # 0 for a run's 2nd pair
+    keep = np.ones(len(at), bool)
+    keep[overlapping[offset % 2 == 0]] = False
+    return at[keep]
+
+
+def _update_ranks_around_merges(ids, ranks, at, pair_ranks):
+    """The ranks of the two new pairs of each merged token at `at`, before the compaction.
+
+    The merged token at p is followed by the token at p + 2 (p + 1 is gone, and p + 1
+    does not merge when p does), and preceded by p - 1. When p - 1 is gone too (p - 2
+    merged), the pair before p is p - 2's pair after, and the rank written at p - 1 is
+    dropped with it. Either neighbour may be a separator, whose pairs have no rank.
+    """
+    with_left = at[at > 0]
+    pair_starts = np.concatenate([at, with_left - 1])
+    ranks[pair_starts] = pair_ranks(ids[pair_starts], ids[np.concatenate([at + 2, with_left])])
+
+
 def special_token_regex(tokens):
     # Longest first, so a special token that contains another one wins.
     return regex.compile("|".join(regex.escape(t) for t in sorted(tokens, key=len, reverse=True)))
@@ -155,10 +312,10 @@ class BytePairTokenizer:
         # Merged ids above every byte's, and each merge of two tokens already made: then a
         # merged token's id is above both its parts', which the merge loop relies on.
         for (left, right), token_id in sorted(self.merges.items(), key=lambda item: item[1]):
-            if not _is_int(token_id) or token_id < 256 or left not in self.vocab or right not in self.vocab \
-                    or token_id in self.vocab:
+            if not _is_int(token_id) or not 256 <= token_id < MAX_ID or left not in self.vocab \
+                    or right not in self.vocab or token_id in self.vocab:
                 raise ValueError(f"merge ({left}, {right}) -> {token_id} must join two earlier "
-                                 f"tokens into a new id of 256 or more")
+                                 f"tokens into a new id from 256 to {MAX_ID - 1}")
             self.vocab[token_id] = self.vocab[left] + self.vocab[right]
         # A piece that is itself a token encodes to that token (the merges that built the
         # token rebuild it), so every such token starts out in the cache.
@@ -209,20 +366,48 @@ class BytePairTokenizer:
         self._cache = dict(self._seed_cache)
 
     def encode_ordinary(self, text):
-        """Token ids of `text`, reading special tokens as plain text."""
+        """Token ids of `text`, reading special tokens as plain text.
+
+        The pieces not cached yet are merged first, all together, then the ids are
+        read from the cache; text whose pieces are all cached takes one pass.
+        """
         if len(self._cache) > CACHE_LIMIT:
             self.clear_cache()
-        cache = self._cache
-        ids = []
+        pieces = self._split(text)
         try:
-            for piece in self._split(text):
-                piece_ids = cache.get(piece)
-                if piece_ids is None:
-                    piece_ids = cache[piece] = self.encode_piece(piece)
-                ids += piece_ids
+            return self._cached_ids(pieces)
+        except KeyError:
+            pass
+        try:
+            self._cache_new_pieces(set(pieces).difference(self._cache))
         except UnicodeEncodeError:  # lone surrogates: replaced by U+FFFD, as tiktoken does
             return self.encode_ordinary(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+        return self._cached_ids(pieces)
+
+    def _cached_ids(self, pieces):
+        cache = self._cache
+        ids = []
+        for piece in pieces:
+            ids += cache[piece]
         return ids
+
+    def _cache_new_pieces(self, pieces):
+        """Merge pieces that are not in the cache and cache their ids: many at once in NumPy."""
+        cache = self._cache
+        if len(pieces) < BATCH_MIN_PIECES:
+            for piece in pieces:
+                cache[piece] = self.encode_piece(piece)
+            return
+        encoded = {piece: piece.encode("utf-8") for piece in pieces}
+        for piece in [piece for piece, piece_bytes in encoded.items() if len(piece_bytes) > BATCH_PIECE_LIMIT]:
+            cache[piece] = tuple(apply_merges(list(encoded.pop(piece).translate(self._byte_to_id)), self.merges))
+        byte_ids = b"".join(encoded.values()).translate(self._byte_to_id)
+        merged = merge_together(byte_ids, list(map(len, encoded.values())), self.merges, self._pair_ranks)
+        cache.update(zip(encoded, map(tuple, merged)))
+
+    @functools.cached_property
+    def _pair_ranks(self):
+        return PairRanks(self.merges)
 
     def encode(self, text, *, allowed_special=frozenset(), disallowed_special="all"):
         """Token ids of `text`, with tiktoken's rules for special tokens.
