@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tinygrad_llm import datasets
 from tinygrad_llm.tokenizers import GPT2_SPLIT_PATTERN, BPETokenizer
 from tinygrad_llm.tokenizers.bpe import merge_pair
-from tinygrad_llm.tokenizers.byte_pair import merge_by_rank_buckets, merge_lowest_first
+from tinygrad_llm.tokenizers.byte_pair import BATCH_MIN_PIECES, merge_by_rank_buckets, merge_lowest_first
 
 VERDICT = datasets.path("the-verdict").read_text(encoding="utf-8")
 TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=200)
@@ -74,6 +74,16 @@ def test_incremental_pair_counts_learn_the_naive_trainers_merges(text, n_merges)
 @given(REPETITIVE_TEXT | TEXT)
 def test_encoding_matches_applying_the_merges_in_order(verdict_tokenizer, text):
     assert verdict_tokenizer.encode_ordinary(text) == naive_encode(text, verdict_tokenizer.merges)
+
+
+def test_many_new_pieces_merged_together_match_the_merge_loop(verdict_tokenizer):
+    # The Verdict with and without its spaces: thousands of new pieces, merged in NumPy.
+    text = VERDICT + "".join(VERDICT.split())
+    pieces = regex.findall(GPT2_SPLIT_PATTERN, text)
+    assert len(set(pieces)) > BATCH_MIN_PIECES
+    verdict_tokenizer.clear_cache()
+    assert verdict_tokenizer.encode_ordinary(text) == \
+        [i for piece in pieces for i in merge_lowest_first(list(piece.encode("utf-8")), verdict_tokenizer.merges)]
 
 
 @given(TEXT)
