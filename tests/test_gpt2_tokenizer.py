@@ -117,6 +117,10 @@ def _outcome(tokenizer, text, kwargs):
 
 def test_lone_surrogates_become_replacement_characters_as_in_tiktoken():
     assert OURS.encode("a\ud800b") == TIKTOKEN.encode("a\ud800b") == OURS.encode("a\ufffdb")
+    rng = random.Random(0)
+    many_new_pieces = " ".join("".join(rng.choices("abcdefgh", k=12)) for _ in range(2 * BATCH_MIN_PIECES)) + " a\udfffb"
+    OURS.clear_cache()
+    assert OURS.encode(many_new_pieces) == TIKTOKEN.encode(many_new_pieces)
 
 
 def test_decoding_an_unknown_id_names_it():
