@@ -221,14 +221,14 @@ def _merge_together(pieces, handoff):
 @given(st.lists(ONE_PIECE, max_size=3 * HANDOFF_PIECES), st.sampled_from([0, 1, HANDOFF_PIECES]))
 def test_pieces_merged_together_give_tiktokens_ids(pieces, handoff):
     # handoff=0: every piece merges in NumPy to the end; otherwise the last ones finish in Python.
-    assert _merge_together(pieces, handoff) == [TIKTOKEN.encode_ordinary(piece) for piece in pieces]
+    assert _merge_together(pieces, handoff) == [tuple(TIKTOKEN.encode_ordinary(piece)) for piece in pieces]
 
 
 def test_runs_of_one_character_merged_together_give_tiktokens_ids():
     # Overlapping pairs of one rank ("aaaa"), at every length up to BATCH_PIECE_LIMIT bytes.
     pieces = [character * n for character in "a!0é漢"
               for n in range(1, BATCH_PIECE_LIMIT // len(character.encode()) + 1)]
-    assert _merge_together(pieces, handoff=0) == [TIKTOKEN.encode_ordinary(piece) for piece in pieces]
+    assert _merge_together(pieces, handoff=0) == [tuple(TIKTOKEN.encode_ordinary(piece)) for piece in pieces]
 
 
 def test_many_new_pieces_are_merged_together(monkeypatch):

@@ -200,7 +200,7 @@ class PairRanks:
 
 
 def merge_together(byte_ids, lengths, merges, pair_ranks, handoff=HANDOFF_PIECES):
-    """apply_merges of many pieces at once, in NumPy: a list of the pieces' merged ids.
+    """apply_merges of many pieces at once, in NumPy: each piece's merged ids, a tuple.
 
     byte_ids: the pieces' byte ids end to end (a bytes object); lengths: each piece's
     length (1 or more); pair_ranks: the PairRanks of `merges`.
@@ -252,10 +252,10 @@ def merge_together(byte_ids, lengths, merges, pair_ranks, handoff=HANDOFF_PIECES
         piece_ids = piece_ids.tolist()
         end = 0
         for number, length in zip(numbers.tolist(), piece_lengths.tolist()):
-            merged[number] = piece_ids[end:end + length - 1]  # without the separator
+            merged[number] = tuple(piece_ids[end:end + length - 1])  # without the separator
             end += length
     for number in unfinished.tolist():
-        merged[number] = apply_merges(merged[number], merges)
+        merged[number] = tuple(apply_merges(list(merged[number]), merges))
     return merged
 
 
@@ -432,7 +432,7 @@ class BytePairTokenizer:
         if len(encoded) >= BATCH_MIN_PIECES:
             byte_ids = b"".join(encoded.values()).translate(self._byte_to_id)
             merged = merge_together(byte_ids, list(map(len, encoded.values())), self.merges, self._pair_ranks)
-            self._cache.update(zip(encoded, map(tuple, merged)))
+            self._cache.update(zip(encoded, merged))
 
     @functools.cached_property
     def _pair_ranks(self):
