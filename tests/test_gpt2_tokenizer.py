@@ -231,7 +231,9 @@ def test_runs_of_one_character_merged_together_give_tiktokens_ids():
     assert _merge_together(pieces, handoff=0) == [tuple(TIKTOKEN.encode_ordinary(piece)) for piece in pieces]
 
 
-def test_many_new_pieces_are_merged_together(monkeypatch):
+@pytest.fixture
+def merge_together_calls(monkeypatch):
+    """The number of pieces of each call to merge_together from here on."""
     calls = []
 
     def recording_merge_together(byte_ids, lengths, *args):
@@ -239,16 +241,28 @@ def test_many_new_pieces_are_merged_together(monkeypatch):
         return merge_together(byte_ids, lengths, *args)
 
     monkeypatch.setattr(byte_pair, "merge_together", recording_merge_together)
+    return calls
+
+
+def test_many_new_pieces_are_merged_together(merge_together_calls):
     rng = random.Random(0)
     words = ["".join(rng.choices("aabcdeé漢", k=rng.randint(2, 30))) for _ in range(3 * BATCH_MIN_PIECES)]
     text = " ".join(words + ["x" * (BATCH_PIECE_LIMIT + 1), "é" * BATCH_PIECE_LIMIT])  # over the limit: alone
     OURS.clear_cache()
     assert OURS.encode(text) == TIKTOKEN.encode(text)
-    assert len(calls) == 1 and calls[0] >= BATCH_MIN_PIECES
+    assert len(merge_together_calls) == 1 and merge_together_calls[0] >= BATCH_MIN_PIECES
     OURS.clear_cache()
     few_words = " ".join(words[:BATCH_MIN_PIECES // 2])
     assert OURS.encode(few_words) == TIKTOKEN.encode(few_words)
-    assert len(calls) == 1, "a few new pieces take the Python loops"
+    assert len(merge_together_calls) == 1, "a few new pieces take the Python loops"
+
+
+def test_very_many_new_pieces_are_merged_in_batches(merge_together_calls, monkeypatch):
+    monkeypatch.setattr(byte_pair, "BATCH_MAX_PIECES", 300)
+    text = "".join(datasets.path("the-verdict").read_text(encoding="utf-8").split())
+    OURS.clear_cache()
+    assert OURS.encode_ordinary(text) == TIKTOKEN.encode_ordinary(text)
+    assert len(merge_together_calls) > 1 and max(merge_together_calls) == 300
 
 
 @pytest.mark.parametrize("name", ["the-verdict", "sms-spam-collection"])

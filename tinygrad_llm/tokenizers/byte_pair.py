@@ -39,6 +39,7 @@ CACHE_LIMIT = 200_000  # cached pieces kept before the cache starts afresh
 BATCH_MIN_PIECES = 256
 BATCH_PIECE_LIMIT = 256
 HANDOFF_PIECES = 32
+BATCH_MAX_PIECES = 65_536  # at most 16 MB of bytes together, some 25 bytes of arrays each
 ID_LIMIT = 2**31 - 1  # ids are below it, so NumPy holds them as int32 (tiktoken's are 32-bit too)
 NO_MERGE_32 = ID_LIMIT  # NO_MERGE in int32 arrays
 SEPARATOR = ID_LIMIT  # the id after each piece in merge_together's array: it is in no pair
@@ -425,14 +426,18 @@ class BytePairTokenizer:
 
         Pieces of more than BATCH_PIECE_LIMIT bytes are left to apply_merges: in
         merge_together a piece of n ids takes about one round per merge, each a pass
-        over its ids, n**2 in all, where the rank buckets take n log n.
+        over its ids, n**2 in all, where the rank buckets take n log n. At most
+        BATCH_MAX_PIECES go together, which bounds merge_together's arrays.
         """
-        encoded = {piece: piece_bytes for piece in pieces
-                   if len(piece_bytes := piece.encode("utf-8")) <= BATCH_PIECE_LIMIT}
-        if len(encoded) >= BATCH_MIN_PIECES:
-            byte_ids = b"".join(encoded.values()).translate(self._byte_to_id)
-            merged = merge_together(byte_ids, list(map(len, encoded.values())), self.merges, self._pair_ranks)
-            self._cache.update(zip(encoded, merged))
+        encoded = [(piece, piece_bytes) for piece in pieces
+                   if len(piece_bytes := piece.encode("utf-8")) <= BATCH_PIECE_LIMIT]
+        if len(encoded) < BATCH_MIN_PIECES:
+            return
+        for start in range(0, len(encoded), BATCH_MAX_PIECES):
+            batch, batch_bytes = zip(*encoded[start:start + BATCH_MAX_PIECES])
+            byte_ids = b"".join(batch_bytes).translate(self._byte_to_id)
+            merged = merge_together(byte_ids, list(map(len, batch_bytes)), self.merges, self._pair_ranks)
+            self._cache.update(zip(batch, merged))
 
     @functools.cached_property
     def _pair_ranks(self):
