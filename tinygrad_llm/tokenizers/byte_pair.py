@@ -422,7 +422,8 @@ class BytePairTokenizer:
         return ids
 
     def _cache_new_pieces(self, pieces):
-        """Cache the ids of new pieces, merged together if there are BATCH_MIN_PIECES or more.
+        """Merge new pieces all together and cache their ids, if BATCH_MIN_PIECES or more
+        are short enough; else they are left to _ids, one at a time.
 
         Pieces of more than BATCH_PIECE_LIMIT bytes are left to apply_merges: in
         merge_together a piece of n ids takes about one round per merge, each a pass
