@@ -79,9 +79,9 @@ def test_finished_rows_leave_the_batch(model, monkeypatch):
     fed = []
     forward = type(model).forward
 
-    def recording_forward(self, idx, cache=None):
+    def recording_forward(self, idx, cache=None, logits_at=None):
         fed.append(np.shape(idx)[0])
-        return forward(self, idx, cache)
+        return forward(self, idx, cache, logits_at)
 
     monkeypatch.setattr(type(model), "forward", recording_forward)
     tl.generate(model, PROMPTS[:2], 4, 8, eos_id=eos)

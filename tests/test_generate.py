@@ -59,17 +59,19 @@ def test_cache_feeds_one_token_per_step_until_the_window_slides(model, monkeypat
     fed = []
     forward = type(model).forward
 
-    def recording_forward(self, idx, cache=None):
-        fed.append(np.shape(idx)[1])
-        return forward(self, idx, cache)
+    def recording_forward(self, idx, cache=None, logits_at=None):
+        # (tokens fed, positions given logits: None is all of them)
+        fed.append((np.shape(idx)[1], None if logits_at is None else np.flatnonzero(logits_at[0]).tolist()))
+        return forward(self, idx, cache, logits_at)
 
     monkeypatch.setattr(type(model), "forward", recording_forward)
     tl.generate(model, PROMPT, 8, context_size=6)
-    # prompt (3), then one token at a time until 6 are cached, then the whole window each step
-    assert fed == [3, 1, 1, 1, 6, 6, 6, 6]
+    # prompt (3), then one token at a time until 6 are cached, then the whole window each step;
+    # a window's head runs on its last position alone
+    assert fed == [(3, [2]), (1, None), (1, None), (1, None), (6, [5]), (6, [5]), (6, [5]), (6, [5])]
     fed.clear()
     tl.generate(model, PROMPT, 4, context_size=6, use_cache=False)
-    assert fed == [3, 4, 5, 6]
+    assert fed == [(3, [2]), (4, [3]), (5, [4]), (6, [5])]
 
 
 def test_seed_fixes_the_sample_and_none_uses_manual_seed(model):

@@ -115,14 +115,16 @@ def _generate(model, tokens, padding, max_new_tokens, context_size, temperature,
 
 
 def _run_window(model, window, padding, cache):
-    """The logits of a whole window (B, T) whose rows start with `padding` pads; a given cache is refilled."""
-    if cache is None and not padding.any():
-        return model(window)
-    if cache is None:
-        # Pads need the cached path's masked attention: a scratch cache, filled afresh every step.
-        cache = model.new_cache(len(window), window.shape[1])
-    cache.reset(padding)
-    return model(window, cache=cache)
+    """The last position's logits (B, 1, V) of a window (B, T) whose rows start with `padding`
+    pads; a given cache is refilled. Only the last position is sampled from, so the head
+    runs on that one alone (`logits_at`), not on all T."""
+    last = np.zeros(window.shape, bool)
+    last[:, -1] = True
+    if cache is not None or padding.any():
+        # Pads need the cached path's masked attention: without a cache, a scratch one, filled afresh every step.
+        cache = model.new_cache(len(window), window.shape[1]) if cache is None else cache
+        cache.reset(padding)
+    return model(window, cache=cache, logits_at=last).reshape(len(window), 1, -1)
 
 
 def _left_pad(prompts):
