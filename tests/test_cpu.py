@@ -73,8 +73,8 @@ def test_parallel_map_keeps_order_and_raises():
 
 
 def test_pieces_cover_the_range():
-    assert cpu.pieces(10, 3) == [slice(0, 3), slice(3, 6), slice(6, 10)]
-    assert cpu.pieces(2, 4) == [slice(0, 1), slice(1, 2)]  # never an empty piece
+    assert cpu.pieces(10, 3) == (slice(0, 3), slice(3, 6), slice(6, 10))
+    assert cpu.pieces(2, 4) == (slice(0, 1), slice(1, 2))  # never an empty piece
     assert cpu.row_blocks(4, 2 * cpu.BLOCK) == cpu.pieces(4, 8)
 
 
