@@ -118,7 +118,7 @@ def test_a_batchs_logprobs_from_the_selected_positions_alone_equal_those_from_al
     labels = data.draw(hnp.arrays(np.int64, (batch, tokens), elements=st.integers(0, 36)))
     mask = data.draw(masks((batch, tokens)))
     model = tl.GPTModel(cfg, dtype="float64", seed=0)
-    picked = preference._sequence_logprobs(model, {"chosen": labels, "chosen_mask": mask}, "chosen", reduction)
+    picked = preference._sequence_logprobs(model, labels, mask, reduction)
     picked.sum().backward()
     picked_grads = [p.grad.copy() for p in model.parameters()]
     model.zero_grad()
@@ -127,6 +127,23 @@ def test_a_batchs_logprobs_from_the_selected_positions_alone_equal_those_from_al
     np.testing.assert_allclose(picked.numpy(), everywhere.numpy(), rtol=1e-12, atol=1e-12)
     for p, grad in zip(model.parameters(), picked_grads):
         np.testing.assert_allclose(grad, p.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("rejected_tokens", [5, 7])
+def test_a_pair_in_one_pass_gives_each_sides_logprobs(rejected_tokens):
+    # chosen and rejected of one length go through the model as one batch of 2B rows; of
+    # two lengths, one after the other. Either way each side's numbers are its own.
+    import tinygrad_llm as tl
+
+    cfg = {"vocab_size": 37, "context_length": 8, "emb_dim": 8, "n_heads": 2, "n_layers": 1, "drop_rate": 0.0}
+    model = tl.GPTModel(cfg, dtype="float64", seed=0)
+    rng = np.random.default_rng(1)
+    batch = {"chosen": rng.integers(0, 37, (3, 5)), "rejected": rng.integers(0, 37, (3, rejected_tokens))}
+    batch.update({f"{key}_mask": rng.random(batch[key].shape) < 0.6 for key in ("chosen", "rejected")})
+    chosen, rejected = preference._pair_logprobs(model, batch, "mean")
+    for key, got in (("chosen", chosen), ("rejected", rejected)):
+        expected = preference.compute_logprobs(model(batch[key]), batch[key], batch[f"{key}_mask"])
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-12, atol=1e-12)
 
 
 @st.composite
