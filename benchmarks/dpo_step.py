@@ -1,8 +1,9 @@
 """One DPO step at GPT-2 124M shapes, tinygrad_llm against PyTorch eager.
 
 A step is what train_model_dpo_simple runs per batch: the policy's forward and backward on
-the chosen and on the rejected responses, the frozen reference model's two forwards without
-a graph, the DPO loss, and an AdamW update (the book's lr 5e-6, weight decay 0.01). The
+the chosen and the rejected responses (tinygrad_llm runs the two as one batch of 2B rows),
+the frozen reference model's forward on both without a graph, the DPO loss, and an AdamW
+update (the book's lr 5e-6, weight decay 0.01). The
 batches are the book's: 8 entries of instruction-data-with-preference, collated with the
 prompt masked (about 8 x 80 tokens each for chosen and rejected). Both sides start from the
 same random weights. PyTorch runs the reference/ model on its fastest eager path
