@@ -7,8 +7,11 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -885,22 +888,16 @@ def test_a_full_disk_during_a_download_deletes_the_part_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.fixture
-def read_only_folder(tmp_path):
-    """A folder chmod 555, holding one damaged copy of a download; made writable again afterwards."""
-    folder = tmp_path / "read-only"
-    folder.mkdir()
-    (folder / "damaged.bin").write_bytes(b"<html>not the file</html>")
-    folder.chmod(0o555)
-    try:
-        (folder / "probe").touch()
-    except PermissionError:
-        pass  # chmod holds: the case can be tried
-    else:
-        pytest.skip("running as root (or with CAP_DAC_OVERRIDE): chmod does not stop this process writing "
-                    "into a read-only folder")
-    yield folder
-    folder.chmod(0o755)
+DOWNLOAD_INTO_A_READ_ONLY_FOLDER = """
+import os, sys
+from tinygrad_llm.datasets import download_file
+if os.geteuid() == 0:
+    os.setuid(65534)  # root writes anywhere: become nobody, for whom the folder is read-only
+try:
+    download_file(sys.argv[1], sys.argv[2], sha256=sys.argv[3], progress=False)
+except OSError as error:
+    print(type(error).__name__, error)
+"""
 
 
 @pytest.mark.parametrize("dest, folder", [
@@ -908,21 +905,33 @@ def read_only_folder(tmp_path):
     ("models/file.bin", "read-only/models"),   # a subfolder that cannot be created
     ("damaged.bin", "read-only"),              # a damaged copy that cannot be replaced
 ])
-def test_a_download_into_a_read_only_folder_names_the_folder_and_writes_nothing(read_only_folder, dest, folder):
+def test_a_download_into_a_read_only_folder_names_the_folder_and_writes_nothing(dest, folder):
     from tests.http_server import serve
-    from tinygrad_llm.datasets import download_file
 
+    # Under /tmp itself: pytest's own folders are closed to other users, and the child may be nobody.
+    tmp_path = Path(tempfile.mkdtemp(prefix="read-only-download-"))
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    (read_only / "damaged.bin").write_bytes(b"<html>not the file</html>")
+    before = sorted(read_only.rglob("*"))
     data = b"x" * 1000
-    before = sorted(read_only_folder.rglob("*"))
-    with serve({"/file.bin": data}) as server:
-        with pytest.raises(PermissionError) as raised:
-            download_file(server.url("/file.bin"), read_only_folder / dest, sha256=hashlib.sha256(data).hexdigest(),
-                          progress=False)
-        assert server.requests == []  # refused before connecting
-    message = str(raised.value)
-    assert f"into {read_only_folder.parent / folder}: the folder is not writable" in message, message
-    assert "nothing was written" in message
-    assert sorted(read_only_folder.rglob("*")) == before  # no .part, and the damaged copy left as it was
+    read_only.chmod(0o555)
+    tmp_path.chmod(0o755)
+    try:
+        with serve({"/file.bin": data}) as server:
+            child = subprocess.run([sys.executable, "-c", DOWNLOAD_INTO_A_READ_ONLY_FOLDER, server.url("/file.bin"),
+                                    str(read_only / dest), hashlib.sha256(data).hexdigest()],
+                                   capture_output=True, text=True, env={**os.environ, "HOME": "/tmp"})
+            assert server.requests == []  # refused before connecting
+    finally:
+        read_only.chmod(0o755)
+        listing = sorted(read_only.rglob("*"))
+        shutil.rmtree(tmp_path)
+    message = child.stdout + child.stderr
+    assert message.startswith("PermissionError [Errno 13] cannot download "), message
+    assert f"into {tmp_path / folder}: the folder is not writable" in message, message
+    assert "nothing was written" in message and "Traceback" not in message
+    assert listing == before  # no .part, and the damaged copy left as it was
 
 
 @pytest.fixture

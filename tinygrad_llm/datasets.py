@@ -204,7 +204,7 @@ def download_file(url, dest, sha256=None, resume=True, progress=True, check=None
     """
     dest = Path(dest)
     damaged = False
-    if dest.is_file():
+    if _is_file(dest):
         try:
             _check(dest, check, sha256)
             return dest  # a good copy is used even in a read-only folder
@@ -275,6 +275,14 @@ def download_file(url, dest, sha256=None, resume=True, progress=True, check=None
         raise ValueError(f"{url} did not send what was expected ({error}); the download was deleted") from None
     os.replace(part, dest)  # atomic: a reader never sees a half-written file
     return dest
+
+
+def _is_file(path):
+    """Path.is_file(), False where a folder on the way may not be entered (the folder check then says so)."""
+    try:
+        return path.is_file()
+    except PermissionError:
+        return False
 
 
 def _writable_folder(folder, url):
