@@ -81,6 +81,26 @@ def test_a_checkpoint_and_resume_under_two_ranks_continue_bit_for_bit(tmp_path):
         np.testing.assert_array_equal(second[2][name], weight)
 
 
+RANK_THREADS = """
+from tinygrad_llm import cpu, distributed
+world = distributed.current()
+world.select_device("cpu")
+print(f"rank {world.rank}: {cpu.get_num_threads()} threads")
+"""
+
+
+@pytest.mark.parametrize("variables, threads", [({}, max(1, os.cpu_count() // 2)),
+                                                ({"TINYGRAD_LLM_NUM_THREADS": "3"}, 3)])
+def test_ranks_on_one_machine_share_its_cores_unless_told_otherwise(tmp_path, variables, threads):
+    # Each rank would otherwise start a thread per core, and two ranks would fight over them.
+    env = {key: value for key, value in os.environ.items() if key not in distributed.cpu.THREAD_VARIABLES}
+    result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", RANK_THREADS], capture_output=True, text=True,
+                            env={**env, **variables, "PYTHONPATH": str(ROOT)}, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The ranks' lines reach mpiexec's output in either order, and may interleave.
+    assert sorted(re.findall(r"rank (\d): (\d+) threads", result.stdout)) == [(str(r), str(threads)) for r in range(2)]
+
+
 def test_a_killed_rank_ends_the_job_within_seconds_and_the_checkpoint_loads(tmp_path):
     started = time.monotonic()
     result = run(2, RUN, tmp_path / "out.json", "--batch", 2, "--steps", 6, "--checkpoint",

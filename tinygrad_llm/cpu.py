@@ -95,11 +95,24 @@ def _single_threaded_blas():
             set_threads(previous)
 
 
-def _default_num_threads():
-    for name in ("TINYGRAD_LLM_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+THREAD_VARIABLES = ("TINYGRAD_LLM_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def thread_count_from_environment():
+    """The first of THREAD_VARIABLES that holds a positive whole number, or None."""
+    for name in THREAD_VARIABLES:
         if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 0:
             return int(os.environ[name])
+    return None
+
+
+def available_cores():
+    """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _default_num_threads():
+    return thread_count_from_environment() or available_cores()
 
 
 _num_threads = _default_num_threads()
@@ -161,6 +174,15 @@ def set_num_threads(n):
     if _helpers is not None:
         _helpers.stop()
     _num_threads, _helpers = int(n), None
+
+
+def use_cores(n):
+    """Run on n cores: n threads for `parallel_map` and `matmul`, and OpenBLAS's own threads at n
+    too. For several processes on one machine (MPI ranks), each on its share of the cores;
+    without it every rank would start a thread per core and they would fight over them."""
+    set_num_threads(n)
+    if _openblas is not None:
+        _openblas[0](int(n))
 
 
 def _forget_pool():

@@ -29,8 +29,8 @@ imports mpi4py. mpi4py comes with `pip install 'tinygrad_llm[distributed]'`, whi
 installs MPICH's mpiexec.
 """
 import contextlib
-import functools
 import ctypes
+import functools
 import os
 import signal
 import sys
@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from . import backend
+from . import backend, cpu
 
 RANK_COUNT_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
 RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
@@ -58,16 +58,25 @@ class World:
         self.nccl_communicator = None  # made at the first all-reduce of gradients on the GPU
 
     def select_device(self, device):
-        """Make this rank's own GPU the current one when `device` is "cuda": the GPU numbered as
-        the rank's place among the ranks on its machine (one rank per GPU, which NCCL requires).
-        Call it before the model is moved to the device; nothing to do on the CPU or alone."""
-        if self.size == 1 or backend.check_device(device) != "cuda":
+        """Give this rank its part of its machine, before the model is moved to `device`.
+
+        On "cuda": its own GPU, numbered by the rank's place among the ranks on its machine
+        (one rank per GPU, which NCCL requires). On the CPU: its share of the cores, the
+        machine's cores divided by the ranks on it (cpu.use_cores), unless a thread count was
+        set in the environment (TINYGRAD_LLM_NUM_THREADS, OPENBLAS_NUM_THREADS,
+        OMP_NUM_THREADS). Nothing to do alone.
+        """
+        if self.size == 1:
             return
         from mpi4py import MPI
 
         machine = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)  # the ranks sharing this machine
         local_rank, local_size = machine.Get_rank(), machine.Get_size()
         machine.Free()
+        if backend.check_device(device) != "cuda":
+            if cpu.thread_count_from_environment() is None:
+                cpu.use_cores(max(1, cpu.available_cores() // local_size))
+            return
         gpus = backend.gpu_count()
         if local_size > gpus:
             raise ValueError(f"mpiexec started {local_size} ranks on this machine, which has {gpus} GPU(s): "
