@@ -101,10 +101,12 @@ def calc_loss_batch(input_batch, target_batch, model, device):
     """
     check_model_device(model, device)
     targets = target_batch.data if isinstance(target_batch, Tensor) else target_batch
+    inputs = input_batch.data if isinstance(input_batch, Tensor) else input_batch
     if isinstance(model, GPTModel) and backend.device_of(targets) != "cuda":
         targets = np.asarray(targets)
         kept = targets != IGNORE_INDEX
-        if 0 < kept.sum() < kept.size:
+        # Mis-shaped targets take the plain path, whose cross_entropy names both shapes.
+        if 0 < kept.sum() < kept.size and kept.shape == np.shape(inputs):
             return F.cross_entropy(model(input_batch, logits_at=kept), targets[kept])
     logits = model(input_batch)  # (B, T, V)
     return F.cross_entropy(logits, target_batch)  # host targets are checked there, then copied once
