@@ -298,6 +298,12 @@ class GPTModel(Module):
             raise ValueError(f"sequence of {start + seq_len} tokens is longer than the context length {limit}")
         if cache is not None and cache.keys.shape[1] != idx.shape[0]:
             raise ValueError(f"KV cache holds {cache.keys.shape[1]} sequences, got a batch of {idx.shape[0]}")
+        if logits_at is not None:
+            logits_at = logits_at.data if isinstance(logits_at, Tensor) else logits_at
+            logits_at = logits_at if backend.device_of(logits_at) == "cuda" else np.asarray(logits_at)
+            if logits_at.shape != idx.shape or logits_at.dtype != bool:
+                raise ValueError(f"logits_at must be a bool mask of the token ids' shape {idx.shape}, "
+                                 f"got {logits_at.dtype} of shape {logits_at.shape}")
         tok_embeds = self.tok_emb(idx)  # (B, T, C)
         if cache is None or cache.padding is None:
             pos_embeds = self.pos_emb.weight[start:start + seq_len]  # (T, C): rows of positions known to be valid
@@ -309,11 +315,6 @@ class GPTModel(Module):
         if cache is not None:
             cache.length += seq_len
         if logits_at is not None:
-            logits_at = logits_at.data if isinstance(logits_at, Tensor) else logits_at
-            logits_at = logits_at if backend.device_of(logits_at) == "cuda" else np.asarray(logits_at)
-            if logits_at.shape != idx.shape or logits_at.dtype != bool:
-                raise ValueError(f"logits_at must be a bool mask of the token ids' shape {idx.shape}, "
-                                 f"got {logits_at.dtype} of shape {logits_at.shape}")
             # A bool mask picks each row once, so the backward assigns rather than adds up.
             rows = backend.to_device(logits_at.reshape(-1), self.device)
             x = x.reshape(-1, x.shape[-1])[rows]  # (N, C); the final norm works row by row
