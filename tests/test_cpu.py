@@ -60,6 +60,15 @@ def test_vectors_and_small_matmuls_are_not_split(split_everything, monkeypatch):
     assert split_everything == []
 
 
+@pytest.mark.parametrize("rows, columns", [(1100, 8), (1024, 3), (1100, 1), (40, 8)])
+def test_thin_matmul_in_row_blocks_equals_numpy(rows, columns):
+    # 1100 rows: two whole blocks of THIN_BLOCK_ROWS and a short one; 1024: blocks only;
+    # one column and few rows: a single call. b is a transposed view, as linear passes it.
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((rows, 16)), rng.standard_normal((columns, 16)).T
+    np.testing.assert_allclose(cpu.matmul_thin(a, b), a @ b, rtol=RTOL)
+
+
 def test_parallel_map_keeps_order_and_raises():
     assert cpu.parallel_map(lambda x, y: x * y, [(i, 2) for i in range(10)]) == [2 * i for i in range(10)]
 
