@@ -74,6 +74,19 @@ def test_cache_feeds_one_token_per_step_until_the_window_slides(model, monkeypat
     assert fed == [(3, [2]), (4, [3]), (5, [4]), (6, [5])]
 
 
+@pytest.mark.parametrize("new_tokens, context_size, expected", [(2, 8, 5), (4, 6, 6), (0, 8, 3)])
+def test_cache_holds_only_the_positions_the_call_can_fill(model, monkeypatch, new_tokens, context_size, expected):
+    # A 3-token prompt and 2 new tokens fill 4 positions: 5 are room enough. With more
+    # than the context, the window slides at context_size, as it always has.
+    lengths = []
+    new_cache = type(model).new_cache
+    monkeypatch.setattr(type(model), "new_cache", lambda self, batch, length=None, padding=None: (
+        lengths.append(length), new_cache(self, batch, length, padding))[1])
+    cached = tl.generate(model, PROMPT, new_tokens, context_size)
+    assert lengths[0] == expected
+    np.testing.assert_array_equal(cached, tl.generate(model, PROMPT, new_tokens, context_size, use_cache=False))
+
+
 def test_seed_fixes_the_sample_and_none_uses_manual_seed(model):
     a = tl.generate(model, PROMPT, 10, 8, temperature=1.0, seed=3)
     np.testing.assert_array_equal(a, tl.generate(model, PROMPT, 10, 8, temperature=1.0, seed=3))

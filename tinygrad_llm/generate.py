@@ -80,7 +80,10 @@ def _generate(model, tokens, padding, max_new_tokens, context_size, temperature,
     # leaves the batch and the cache.
     batch_size = len(tokens)
     active = np.arange(batch_size)
-    cache = model.new_cache(batch_size, context_size) if use_cache else None
+    # The cache holds no more positions than this call can fill (the prompt and every token
+    # but the last): its arrays stay small and each row's keys lie close together.
+    cache_length = min(context_size, tokens.shape[1] + max_new_tokens)
+    cache = model.new_cache(batch_size, cache_length) if use_cache else None
     for _ in range(max_new_tokens):
         if cache is None or cache.length == 0 or cache.length == context_size:
             # No cache, a fresh one, or a full one (the window slides): run the last context_size tokens.
@@ -89,13 +92,15 @@ def _generate(model, tokens, padding, max_new_tokens, context_size, temperature,
             logits = _run_window(model, window, window_padding, cache)
         else:
             logits = model(tokens[active, -1:], cache=cache)
-        logits = backend.to_host(logits.data[:, -1, :]).astype(np.float64)  # (active rows, V)
+        logits = backend.to_host(logits.data[:, -1, :])  # (active rows, V)
         if np.isnan(logits).any():
             raise ValueError("the model's logits are NaN: its weights or activations overflowed, "
                              "so no token can be chosen")
         if temperature == 0.0:
             picked = logits.argmax(axis=-1).astype(np.int64)
         else:
+            # Sampling works in float64: the nucleus's cumulative sum over 50,257 probabilities keeps its precision.
+            logits = logits.astype(np.float64)
             # One uniform number per row of the batch, finished or not: a row's draws do not
             # depend on when the other rows finish.
             uniform = rng.random(batch_size)[active]
