@@ -253,6 +253,18 @@ def masked_fill_cases(draw, fill_values=(0.0, 2.5, -1e9, -np.inf)):
 
 
 @st.composite
+def unpack_rows_cases(draw):
+    keep = draw(hnp.arrays(bool, shapes(2, 2)))
+    return Case((draw(values((int(keep.sum()), draw(st.integers(1, 4))))),), {"keep": keep})
+
+
+def _torch_unpack_rows(x, keep):
+    keep = torch.as_tensor(keep)
+    out = x.new_zeros((keep.numel(), x.shape[-1])).index_put((keep.reshape(-1),), x)
+    return out.reshape(*keep.shape, x.shape[-1])
+
+
+@st.composite
 def linear_cases(draw):
     n_in, n_out = draw(st.integers(1, 5)), draw(st.integers(1, 5))
     # linear_forward takes another matmul form for at most F.FEW_ROWS rows: both are drawn.
@@ -490,6 +502,8 @@ OPS = [
            x, _torch_frozen(weight, x), lora_A, lora_B, *[_torch_frozen(b, x) for b in [bias] if b is not None],
            scale=scale),
        lora_linear_cases(frozen=True), F64_REDUCTION, F32_REDUCTION),
+    Op("unpack_rows", lambda x, keep: F.unpack_rows(x, keep), _torch_unpack_rows, unpack_rows_cases(),
+       F64_ELEMENTWISE, F32_ELEMENTWISE),
     Op("embedding", F.embedding, lambda ids, weight: torch.nn.functional.embedding(ids, weight),
        embedding_cases(), F64_ELEMENTWISE, F32_ELEMENTWISE),
     Op("layer_norm", F.layer_norm, ref.layer_norm, layer_norm_cases(), F64_FUSED, F32_FUSED),

@@ -176,6 +176,30 @@ def test_logits_at_a_mask_are_those_rows_of_the_full_logits_with_their_gradients
         assert_close(p.grad, q.grad, np.float64, f"gradient of {name}", scale=largest)
 
 
+def test_logits_at_runs_the_blocks_on_the_positions_it_needs_alone(monkeypatch):
+    # Rows whose last logit is at 2, 5 and 0 of 6 positions need 3 + 6 + 1 = 10 of the 18:
+    # each block's attention unpacks 10 rows, and logits and gradients stay the full path's.
+    cfg = {"vocab_size": 50, "context_length": 8, "emb_dim": 8, "n_heads": 2, "n_layers": 2,
+           "drop_rate": 0.0, "qkv_bias": True}
+    idx = np.random.default_rng(0).integers(0, 50, (3, 6))
+    mask = np.zeros((3, 6), bool)
+    mask[0, [1, 2]] = mask[1, [0, 4, 5]] = mask[2, 0] = True
+    unpacked_rows = []
+    unpack = F.unpack_rows
+    monkeypatch.setattr(F, "unpack_rows", lambda x, keep: (unpacked_rows.append(x.shape[0]), unpack(x, keep))[1])
+    weights = np.random.default_rng(1).standard_normal((int(mask.sum()), cfg["vocab_size"]))
+    full, packed = (tl.GPTModel(cfg, dtype="float64", seed=2) for _ in range(2))
+    (full(idx)[mask] * weights).sum().backward()
+    assert unpacked_rows == []  # all logits: nothing to skip
+    logits = packed(idx, logits_at=mask)
+    (logits * weights).sum().backward()
+    assert unpacked_rows == [10] * 3 * cfg["n_layers"]  # queries, keys, values of every block
+    assert_close(logits.numpy(), full(idx).numpy()[mask], np.float64, "logits at the mask")
+    largest = max(float(np.abs(q.grad).max()) for q in full.parameters())
+    for (name, p), q in zip(packed.named_parameters(), full.parameters()):
+        assert_close(p.grad, q.grad, np.float64, f"gradient of {name}", scale=largest)
+
+
 @pytest.mark.parametrize("mask, expected", [(np.ones((1, 3), np.int64), "got int64 of shape \\(1, 3\\)"),
                                             (np.ones((1, 2), bool), "got bool of shape \\(1, 2\\)")])
 def test_logits_at_must_be_a_bool_mask_of_the_ids_shape(mask, expected):
