@@ -12,8 +12,8 @@ over all rows.
 
 The transformers model is built from GPT2Config() (no download) and its weights are loaded
 into ours, so both compute the same function. Each way runs once to warm up, then
-`--repeats` times; the best time is kept (the machine's other load only ever slows a run
-down).
+`--repeats` rounds take the ways in turn; the best time of each is kept (the machine's other
+load only ever slows a run down).
 
 Targets: the cache at least 3x faster than no cache, and at least as fast as transformers,
 for one prompt and for the batch.
@@ -33,20 +33,26 @@ import tempfile
 import time
 
 
-def best_time(run, repeats):
-    times = []
+def best_times(runs, repeats):
+    """{name: (best seconds, output)} of each run: one warm-up each (allocations, BLAS threads,
+    torch's first-call overheads), then `repeats` rounds that take every run in turn, so a
+    change in the machine's load falls on all of them alike."""
+    for run in runs.values():
+        run(5)
+    times, outputs = {name: [] for name in runs}, {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - start)
-    return min(times), out
+        for name, run in runs.items():
+            start = time.perf_counter()
+            outputs[name] = run()
+            times[name].append(time.perf_counter() - start)
+    return {name: (min(times[name]), outputs[name]) for name in runs}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--prompt-tokens", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="20 new tokens, one repeat")
     parser.add_argument("--threads", type=int, help="BLAS threads for NumPy and torch (default: theirs)")
     parser.add_argument("--batch-lengths", type=int, nargs="+", default=[4, 12, 20, 28, 36, 44, 52, 60],
@@ -101,10 +107,7 @@ def single_prompt(args, model, hf_model, prompt, context_size):
 
     runs = {"tinygrad_llm, KV cache": ours(True), "tinygrad_llm, no cache": ours(False),
             "transformers, use_cache=True": transformers}
-    results = {}
-    for name, run in runs.items():
-        run(5)  # warm-up: allocations, BLAS threads, torch's first-call overheads
-        results[name] = best_time(run, args.repeats)
+    results = best_times(runs, args.repeats)
 
     cached_time = results["tinygrad_llm, KV cache"][0]
     print(f"GPT-2 124M (random weights), batch 1, {args.prompt_tokens}-token prompt, {n} new tokens, greedy; "
@@ -143,10 +146,7 @@ def batch_of_prompts(args, model, hf_model, context_size):
         return out[:, -n:].numpy()
 
     runs = {"tinygrad_llm, one KV cache": ours, "transformers, left padding": transformers}
-    results = {}
-    for name, run in runs.items():
-        run(5)
-        results[name] = best_time(run, args.repeats)
+    results = best_times(runs, args.repeats)
     ours_time, theirs_time = results["tinygrad_llm, one KV cache"][0], results["transformers, left padding"][0]
     print(f"\nGPT-2 124M (random weights), a batch of {len(prompts)} prompts of {min(lengths)}-{longest} tokens, "
           f"{n} new tokens each, greedy; best of {args.repeats}; torch threads {torch.get_num_threads()}")
