@@ -67,6 +67,12 @@ def test_twelve_steps_match_the_books_loop_in_torch(splits, dtype, rtol):
     assert ours[0][-1] < ours[0][0]  # it learned
     expected = torch_gpt.from_torch_state_dict(torch_model.state_dict())
     for name, value in model.state_dict().items():
+        if dtype == "float32" and name.endswith("W_key.bias"):
+            # A key bias shifts all of a query's scores alike, which the softmax ignores: its true
+            # gradient is zero, and float32 gives both libraries rounding noise that AdamW scales
+            # up to steps of about lr. Each side drifts at most lr per step.
+            np.testing.assert_allclose(value, expected[name], atol=2 * 12 * LR, err_msg=name)
+            continue
         np.testing.assert_allclose(value, expected[name], rtol=rtol * 10, atol=rtol, err_msg=name)
 
 
