@@ -69,6 +69,42 @@ def test_thin_matmul_in_row_blocks_equals_numpy(rows, columns):
     np.testing.assert_allclose(cpu.matmul_thin(a, b), a @ b, rtol=RTOL)
 
 
+class RecordsBlasThreads(np.ndarray):
+    """An array whose matmuls note how many threads OpenBLAS had when they ran."""
+    seen = []
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        RecordsBlasThreads.seen.append(cpu._openblas[1]())
+        inputs = tuple(x.view(np.ndarray) if isinstance(x, RecordsBlasThreads) else x for x in inputs)
+        if "out" in kwargs:
+            kwargs["out"] = tuple(x.view(np.ndarray) for x in kwargs["out"])
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+
+def test_openblas_spins_up_its_threads_only_for_thin_matmuls():
+    # OpenBLAS's threads spin after a call and take a core from the next split matmul, so
+    # beside our threads OpenBLAS runs on one; a decoding step's thin matmuls use all.
+    if cpu._openblas is None:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS whose threads can be set")
+    previous = cpu.get_num_threads()
+    try:
+        cpu.set_num_threads(2)
+        assert cpu._openblas[1]() == 1
+        rng = np.random.default_rng(3)
+        for rows in (1100, 40):  # in blocks, and in one call
+            a, b = rng.standard_normal((rows, 16)).view(RecordsBlasThreads), rng.standard_normal((16, 4))
+            RecordsBlasThreads.seen = []
+            np.testing.assert_allclose(cpu.matmul_thin(a, b), a.view(np.ndarray) @ b, rtol=RTOL)
+            assert RecordsBlasThreads.seen and set(RecordsBlasThreads.seen) == {2}
+            assert cpu._openblas[1]() == 1
+        cpu.set_num_threads(1)  # plain NumPy: OpenBLAS on the count it started with
+        assert cpu._openblas[1]() == cpu._openblas_own_threads
+        cpu.use_cores(1)  # an MPI rank on one core: no thread beyond it
+        assert cpu._openblas[1]() == 1
+    finally:
+        cpu.set_num_threads(previous)
+
+
 def test_parallel_map_keeps_order_and_raises():
     assert cpu.parallel_map(lambda x, y: x * y, [(i, 2) for i in range(10)]) == [2 * i for i in range(10)]
 

@@ -11,6 +11,11 @@ things make a step fast on a few cores instead:
   process holds a core every call waits for it, and the many small matmuls of attention
   can take a hundred times longer. Independent pieces only meet at the end.
 
+While these threads do the parallel work, OpenBLAS runs on one thread, except inside
+`matmul_thin` (a decoding step's few-row products). After a call OpenBLAS's threads spin
+for a while before they sleep, and a spinning thread takes a core from the next split
+matmul: one stray BLAS call in a layer norm made a GPT-2 355M step 1.6x slower.
+
 The thread count is the first of TINYGRAD_LLM_NUM_THREADS, OPENBLAS_NUM_THREADS and
 OMP_NUM_THREADS that is set, else the cores this process may use; `set_num_threads`
 changes it. With one thread everything runs as plain NumPy.
@@ -80,19 +85,25 @@ def _find_openblas():
 
 
 _openblas = _find_openblas()
+_openblas_own_threads = _openblas[1]() if _openblas is not None else None  # its count as NumPy loaded it
 _openblas_lock = threading.Lock()  # one split matmul at a time owns OpenBLAS's thread setting
 
 
 @contextlib.contextmanager
-def _single_threaded_blas():
+def _blas_threads(n):
+    """OpenBLAS on n threads for the calls inside."""
     set_threads, get_threads = _openblas
     with _openblas_lock:
         previous = get_threads()
-        set_threads(1)
+        set_threads(n)
         try:
             yield
         finally:
             set_threads(previous)
+
+
+def _single_threaded_blas():
+    return _blas_threads(1)
 
 
 THREAD_VARIABLES = ("TINYGRAD_LLM_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
@@ -115,8 +126,16 @@ def _default_num_threads():
     return thread_count_from_environment() or available_cores()
 
 
+def _set_blas_threads_between_calls():
+    """OpenBLAS on one thread while parallel_map and matmul run the parallel work, on its own
+    count in plain NumPy (one thread of ours)."""
+    if _openblas is not None:
+        _openblas[0](1 if _num_threads > 1 else _openblas_own_threads)
+
+
 _num_threads = _default_num_threads()
 _helpers = None
+_set_blas_threads_between_calls()
 _local = threading.local()  # .in_pool: this thread is running parallel_map's tasks
 
 
@@ -174,15 +193,16 @@ def set_num_threads(n):
     if _helpers is not None:
         _helpers.stop()
     _num_threads, _helpers = int(n), None
+    _set_blas_threads_between_calls()
 
 
 def use_cores(n):
-    """Run on n cores: n threads for `parallel_map` and `matmul`, and OpenBLAS's own threads at n
-    too. For several processes on one machine (MPI ranks), each on its share of the cores;
+    """Run on n cores: n threads for `parallel_map` and `matmul`, and OpenBLAS's own threads at most
+    n too. For several processes on one machine (MPI ranks), each on its share of the cores;
     without it every rank would start a thread per core and they would fight over them."""
     set_num_threads(n)
-    if _openblas is not None:
-        _openblas[0](int(n))
+    if _openblas is not None and int(n) == 1:
+        _openblas[0](1)
 
 
 def _forget_pool():
@@ -286,7 +306,7 @@ def matmuls(pairs):
     """
     if (_num_threads == 1 or _openblas is None or _in_pool()
             or any(xp_of(a) is not np or a.ndim < 2 or b.ndim < 2 for a, b in pairs)):
-        return [a @ b for a, b in pairs]  # BLAS with its own threads
+        return [a @ b for a, b in pairs]  # BLAS as it is set: all cores in plain NumPy, else one
     shapes = [(*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1]) for a, b in pairs]
     if sum(2 * math.prod(shape) * a.shape[-1] for (a, _), shape in zip(pairs, shapes)) < SPLIT_FLOPS:
         with _single_threaded_blas():  # one core: a small call does not wait for a busy one
@@ -317,9 +337,13 @@ def matmul_thin(a, b):
     (50257, 768) head 1.3x faster so than in one call, except for one column, whose
     matrix-vector product is fastest whole.
     """
-    if xp_of(a) is not np or a.shape[0] <= THIN_BLOCK_ROWS or b.shape[1] == 1:
+    if xp_of(a) is not np:
         return a @ b
-    out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
-    for start in range(0, a.shape[0], THIN_BLOCK_ROWS):
-        np.matmul(a[start:start + THIN_BLOCK_ROWS], b, out=out[start:start + THIN_BLOCK_ROWS])
-    return out
+    raise_threads = _openblas is not None and _num_threads > 1 and not _in_pool()
+    with _blas_threads(_num_threads) if raise_threads else contextlib.nullcontext():
+        if a.shape[0] <= THIN_BLOCK_ROWS or b.shape[1] == 1:
+            return a @ b
+        out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
+        for start in range(0, a.shape[0], THIN_BLOCK_ROWS):
+            np.matmul(a[start:start + THIN_BLOCK_ROWS], b, out=out[start:start + THIN_BLOCK_ROWS])
+        return out
