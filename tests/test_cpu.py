@@ -97,6 +97,9 @@ def test_openblas_spins_up_its_threads_only_for_thin_matmuls():
             np.testing.assert_allclose(cpu.matmul_thin(a, b), a.view(np.ndarray) @ b, rtol=RTOL)
             assert RecordsBlasThreads.seen and set(RecordsBlasThreads.seen) == {2}
             assert cpu._openblas[1]() == 1
+        with cpu.blas_threads(2):  # a matmul of one's own on OpenBLAS's threads
+            assert cpu._openblas[1]() == 2
+        assert cpu._openblas[1]() == 1
         cpu.set_num_threads(1)  # plain NumPy: OpenBLAS on the count it started with
         assert cpu._openblas[1]() == cpu._openblas_own_threads
         cpu.use_cores(1)  # an MPI rank on one core: no thread beyond it

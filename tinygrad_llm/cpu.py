@@ -14,7 +14,9 @@ things make a step fast on a few cores instead:
 While these threads do the parallel work, OpenBLAS runs on one thread, except inside
 `matmul_thin` (a decoding step's few-row products). After a call OpenBLAS's threads spin
 for a while before they sleep, and a spinning thread takes a core from the next split
-matmul: one stray BLAS call in a layer norm made a GPT-2 355M step 1.6x slower.
+matmul: one stray BLAS call in a layer norm made a GPT-2 355M step 1.6x slower. Importing
+the library so sets OpenBLAS for the whole process: `blas_threads(n)` gives a block of one's
+own NumPy code n threads, `set_num_threads(1)` gives NumPy back its own count.
 
 The thread count is the first of TINYGRAD_LLM_NUM_THREADS, OPENBLAS_NUM_THREADS and
 OMP_NUM_THREADS that is set, else the cores this process may use; `set_num_threads`
@@ -90,8 +92,13 @@ _openblas_lock = threading.Lock()  # one split matmul at a time owns OpenBLAS's 
 
 
 @contextlib.contextmanager
-def _blas_threads(n):
-    """OpenBLAS on n threads for the calls inside."""
+def blas_threads(n):
+    """OpenBLAS on n threads for the NumPy calls inside: `with blas_threads(2): a @ b` runs a
+    matmul of one's own on OpenBLAS's threads, which sit at one beside ours (see above).
+    Nothing changes without OpenBLAS."""
+    if _openblas is None:
+        yield
+        return
     set_threads, get_threads = _openblas
     with _openblas_lock:
         previous = get_threads()
@@ -103,7 +110,7 @@ def _blas_threads(n):
 
 
 def _single_threaded_blas():
-    return _blas_threads(1)
+    return blas_threads(1)
 
 
 THREAD_VARIABLES = ("TINYGRAD_LLM_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
@@ -340,7 +347,7 @@ def matmul_thin(a, b):
     if xp_of(a) is not np:
         return a @ b
     raise_threads = _openblas is not None and _num_threads > 1 and not _in_pool()
-    with _blas_threads(_num_threads) if raise_threads else contextlib.nullcontext():
+    with blas_threads(_num_threads) if raise_threads else contextlib.nullcontext():
         if a.shape[0] <= THIN_BLOCK_ROWS or b.shape[1] == 1:
             return a @ b
         out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
