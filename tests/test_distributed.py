@@ -114,6 +114,46 @@ def test_a_killed_rank_ends_the_job_within_seconds_and_the_checkpoint_loads(tmp_
     assert metadata["train_state"]["step"] == 2  # saved every 2 steps; the kill came in step 3
 
 
+WAITS_FOR_A_GONE_RANK = """
+import subprocess, sys, time
+from tinygrad_llm.distributed import World
+
+peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+class OneCollectiveComm:
+    # rank 0 of 2, its peer the process above; the first gather (two allgathers: the process
+    # ids, then its own) ends, every later one never does
+    calls = 0
+    def Get_rank(self): return 0
+    def Get_size(self): return 2
+    def allgather(self, mine):
+        OneCollectiveComm.calls += 1
+        if OneCollectiveComm.calls > 2:
+            time.sleep(60)
+        return [mine, (mine[0], peer.pid)]
+
+world = World(OneCollectiveComm())
+world.gather("hello")  # the first collective: the peers' process ids
+peer.kill(); peer.wait()
+time.sleep(1.5)  # outside a collective a gone peer ends nothing (it may have finished)
+print("still running", flush=True)
+world.gather("hello")
+print("the collective returned", flush=True)
+"""
+
+
+def test_a_rank_waiting_for_a_gone_rank_of_its_machine_ends_itself():
+    # The fallback for when mpiexec does not end the job after a rank dies: the rank left
+    # waiting in a collective would otherwise spin there forever.
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", WAITS_FOR_A_GONE_RANK], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert time.monotonic() - started < 20
+    assert result.returncode == 1
+    assert result.stdout == "still running\n"
+    assert re.search(r"rank 0 of 2: the rank in process \d+ on this machine is gone while this one waits", result.stderr)
+
+
 def test_a_rank_that_raises_ends_every_rank_naming_itself(tmp_path):
     started = time.monotonic()
     result = run(2, RUN, tmp_path / "out.json", "--batch", 2, "--steps", 6, "--raise-rank", 1, cwd=tmp_path,

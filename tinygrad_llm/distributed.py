@@ -12,7 +12,9 @@ batch, so every rank takes the same optimizer step and the weights stay identica
 Rank 0 alone writes checkpoints, the metrics log and the progress bar. Each rank draws
 its own dropout masks, from a generator seeded with (seed, rank). A rank that raises
 ends every rank naming itself (`World.ending_together`); one killed by a signal is named
-by its supervisor process (`supervise_rank`).
+by its supervisor process (`supervise_rank`). mpiexec ends the others then; should it not, a
+rank waiting in a collective for a rank of its machine that is gone ends itself
+(`World.collective`), so no rank spins in an all-reduce that cannot finish.
 
 On the CPU the buffer is a host array and the all-reduce MPI's Allreduce. On GPUs there is
 one rank per GPU (`World.select_device`, before the model moves there, takes the GPU numbered
@@ -33,7 +35,9 @@ import ctypes
 import functools
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 
 import numpy as np
@@ -45,6 +49,7 @@ RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
 SUPERVISED = "TINYGRAD_LLM_SUPERVISED"  # set in a rank's worker process: it is supervised already
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+PEER_CHECK_SECONDS = 0.5  # how often a rank waiting in a collective looks for its machine's other ranks
 
 
 class World:
@@ -56,6 +61,39 @@ class World:
         self.size = 1 if comm is None else comm.Get_size()
         self.communication_seconds = 0.0  # time spent in all-reduces, for the scaling figures
         self.nccl_communicator = None  # made at the first all-reduce of gradients on the GPU
+        self._peers = None  # process ids of the other ranks on this machine, from the first collective
+        self._waiting = False  # in a collective now
+
+    @contextlib.contextmanager
+    def collective(self):
+        """Wait in a collective operation while a thread watches this machine's other ranks.
+
+        A rank that is gone (killed, or ended) can never join: this one would wait forever,
+        at full speed, since MPI's waits spin. mpiexec ends the job when a rank dies, and the
+        thread is for when it does not: it ends this process, whose supervisor passes the
+        exit on. The first collective of a job tells every rank the others' process ids (all
+        ranks make the same collective calls, in the same order).
+        """
+        if self._peers is None:
+            host = socket.gethostname()
+            self._peers = [pid for peer_host, pid in self.comm.allgather((host, os.getpid()))
+                           if peer_host == host and pid != os.getpid()]
+            if self._peers:
+                threading.Thread(target=self._watch_peers, name="tinygrad_llm-peers", daemon=True).start()
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
+
+    def _watch_peers(self):
+        while True:
+            time.sleep(PEER_CHECK_SECONDS)
+            gone = [pid for pid in self._peers if not _process_alive(pid)]
+            if self._waiting and gone:
+                print(f"rank {self.rank} of {self.size}: the rank in process {gone[0]} on this machine is gone "
+                      "while this one waits for it in a collective; ending", file=sys.stderr, flush=True)
+                os._exit(1)
 
     def select_device(self, device):
         """Give this rank its part of its machine, before the model is moved to `device`.
@@ -104,7 +142,8 @@ class World:
 
         flat = np.concatenate([backend.to_host(g).ravel() for g in grads])  # (total parameters,)
         start = time.perf_counter()
-        self.comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+        with self.collective():
+            self.comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
         self.communication_seconds += time.perf_counter() - start
         flat /= self.size
         offset = 0
@@ -117,15 +156,18 @@ class World:
         if self.nccl_communicator is None:
             # Collective: every rank comes here at its first step. Rank 0's id names the
             # communicator; MPI carries it to the others. The current GPU is the rank's own.
-            unique_id = self.comm.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
+            with self.collective():
+                unique_id = self.comm.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
             self.nccl_communicator = nccl.NcclCommunicator(self.size, unique_id, self.rank)
         flat = backend.xp_of(grads[0]).concatenate([g.ravel() for g in grads])  # (total parameters,), on the GPU
         datatype = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64}[flat.dtype]
         stream = backend.current_stream()
         stream.synchronize()  # the backward pass's kernels finish outside the clock
         start = time.perf_counter()
-        self.nccl_communicator.allReduce(flat.data.ptr, flat.data.ptr, flat.size, datatype, nccl.NCCL_SUM, stream.ptr)
-        stream.synchronize()  # NCCL returns once the all-reduce is queued; the clock stops when it is done
+        with self.collective():
+            self.nccl_communicator.allReduce(flat.data.ptr, flat.data.ptr, flat.size, datatype, nccl.NCCL_SUM,
+                                             stream.ptr)
+            stream.synchronize()  # NCCL returns once the all-reduce is queued; the clock stops when it is done
         self.communication_seconds += time.perf_counter() - start
         flat /= self.size
         offset = 0
@@ -141,16 +183,23 @@ class World:
 
         keys = sorted(values)
         total = np.array([float(values[key]) for key in keys])
-        self.comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
+        with self.collective():
+            self.comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
         return {**values, **{key: float(value) / self.size for key, value in zip(keys, total)}}
 
     def agree(self, flag):
         """The largest of every rank's `flag` (a signal number, 0 for none): all ranks stop together."""
-        return flag if self.size == 1 else self.comm.allreduce(flag, op=_max())
+        if self.size == 1:
+            return flag
+        with self.collective():
+            return self.comm.allreduce(flag, op=_max())
 
     def gather(self, value):
         """Every rank's `value` (a JSON-able object), in rank order, on every rank."""
-        return [value] if self.size == 1 else self.comm.allgather(value)
+        if self.size == 1:
+            return [value]
+        with self.collective():
+            return self.comm.allgather(value)
 
     @contextlib.contextmanager
     def ending_together(self):
@@ -169,6 +218,23 @@ class World:
         if self.size > 1:
             print(f"rank {self.rank} of {self.size}: {message}; ending every rank", file=sys.stderr, flush=True)
             self.comm.Abort(1)
+
+
+def _process_alive(pid):
+    """Whether process `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
 
 
 def _max():
