@@ -109,10 +109,6 @@ def blas_threads(n):
             set_threads(previous)
 
 
-def _single_threaded_blas():
-    return blas_threads(1)
-
-
 THREAD_VARIABLES = ("TINYGRAD_LLM_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
 
@@ -253,7 +249,7 @@ def parallel_map(fn, tasks, uses_blas=False):
 
     _local.in_pool = True
     try:
-        with _single_threaded_blas() if _openblas is not None else contextlib.nullcontext():
+        with blas_threads(1):
             _helpers.run(work, min(_num_threads, len(tasks)) - 1)
     finally:
         _local.in_pool = False
@@ -316,7 +312,7 @@ def matmuls(pairs):
         return [a @ b for a, b in pairs]  # BLAS as it is set: all cores in plain NumPy, else one
     shapes = [(*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1]) for a, b in pairs]
     if sum(2 * math.prod(shape) * a.shape[-1] for (a, _), shape in zip(pairs, shapes)) < SPLIT_FLOPS:
-        with _single_threaded_blas():  # one core: a small call does not wait for a busy one
+        with blas_threads(1):  # one core: a small call does not wait for a busy one
             return [a @ b for a, b in pairs]
     outs = [np.empty(shape, np.result_type(a, b)) for (a, b), shape in zip(pairs, shapes)]
     count = max(1, _num_threads // len(pairs))

@@ -345,6 +345,6 @@ class GPTModel(Module):
         if cache is not None:
             cache.length += seq_len
         if logits_at is not None:
-            rows = logits_at.reshape(-1) if needed is None else host_logits_at[needed]
+            rows = host_logits_at.reshape(-1) if needed is None else host_logits_at[needed]
             x = x.reshape(-1, x.shape[-1])[backend.to_device(rows, self.device)]  # (rows, C); the final norm works row by row
         return self.out_head(self.final_norm(x))
